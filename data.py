@@ -1,0 +1,402 @@
+"""data.py: the GPT-2 tokenizer (offline), corpus sources, a token cache, packing, and the batch dict.
+
+Every mask of this project is born here. A batch is a dict of (B, T) tensors (see DESIGN.md):
+
+    input_ids      int64  token ids; padding holds EOT (50256) but is never counted
+    attention_mask bool   True for a real token, False for padding
+    doc_ids        int32  0, 1, 2, ... per segment in row order; -1 for padding
+    position_ids   int64  position inside its segment, restarting at 0; 0 for padding
+
+A document is [EOT] + tokens (EOT acts as beginning-of-document, as in the llm.c / modded-nanogpt
+FineWeb shards). A document longer than T is cut into chunks of at most T, each its own segment.
+Chunks are packed into rows with best-fit decreasing inside windows of `PACK_WINDOW` chunks:
+padding only at row tails, every token of the split exactly once per epoch.
+
+The global stream of rows depends only on (corpus, split, seq_len, seed): rank r of W takes global
+rows r, r+W, r+2W, ..., so the global batch is the same whatever the world size or accumulation.
+"""
+import base64
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from bisect import bisect_left
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+EOT = 50256  # <|endoftext|>, also our beginning-of-document token
+GPT2_VOCAB = 50257
+RANKS_FILE = Path(__file__).with_name("gpt2.tiktoken")
+# The hash tiktoken itself expects for r50k_base (the GPT-2 encoding).
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# tiktoken's r50k pattern: equivalent to GPT-2's original regex, but faster.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".py", ".text", ".tex", ".c", ".h", ".js", ".html"}
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+CACHE_VERSION = 1  # bump when the cache layout changes: old caches are then rebuilt
+PACK_WINDOW = 8192  # chunks packed together; larger packs tighter, costs more per window
+DEFAULT_CACHE = Path(__file__).with_name("data_cache")
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer(path=RANKS_FILE):
+    """GPT-2 BPE from the ranks file in the repo: no network, hash checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: GPT-2 ranks file not found; get it with "
+                         "`pip download --no-deps openai-whisper==20250625` (whisper/assets/gpt2.tiktoken)")
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != RANKS_SHA256:
+        raise ValueError(f"{path}: sha256 {digest}, expected {RANKS_SHA256} (GPT-2 r50k_base ranks)")
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_VOCAB)
+
+
+# ----------------------------------------------------------------------------- shards (llm.c format)
+
+def write_shard(path, tokens):
+    """Write an llm.c / modded-nanogpt shard: 256 int32 header (magic, version, count), then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+
+
+def read_shard(path, vocab_size=GPT2_VOCAB):
+    """Memory-map a shard after checking its header, size and token range."""
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"shard {path}: {size} bytes, expected at least the {SHARD_HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"shard {path}: magic {header[0]} at offset 0, expected {SHARD_MAGIC}")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"shard {path}: version {header[1]} at offset 4, expected {SHARD_VERSION}")
+    n = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * n:
+        raise ValueError(f"shard {path}: {size} bytes, expected {SHARD_HEADER_BYTES + 2 * n} "
+                         f"(header at offset 8 says {n} tokens)")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
+    bad = np.flatnonzero(tokens >= vocab_size)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"shard {path}: token id {tokens[i]} at byte offset {SHARD_HEADER_BYTES + 2 * i} "
+                         f"(token {i}), expected ids < {vocab_size}")
+    return tokens
+
+
+# ----------------------------------------------------------------------------- text sources
+
+def resolve_source(source):
+    """-> (kind, paths). kind is 'shards', 'jsonl' or 'text' (one document per file)."""
+    if source is None:  # the Python standard library of the running interpreter
+        root = Path(sysconfig.get_paths()["stdlib"])
+        paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+        if not paths:
+            raise ValueError(f"default corpus: no .py files under {root}")
+        return "text", paths
+    source = str(source)
+    if any(c in source for c in "*?[") or source.endswith(".bin"):
+        paths = sorted(Path(p) for p in glob.glob(source))
+        if not paths:
+            raise ValueError(f"{source}: no shard matches this path or glob")
+        return "shards", paths
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"{source}: no such file or directory")
+    if path.is_dir():
+        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not paths:
+            raise ValueError(f"{source}: directory holds no text files (suffixes {sorted(TEXT_SUFFIXES)})")
+        return "text", paths
+    return ("jsonl" if path.suffix == ".jsonl" else "text"), [path]
+
+
+def _iter_texts(kind, paths):
+    """Yield (raw bytes of one document, where it came from)."""
+    for path in paths:
+        if kind == "text":
+            yield path.read_bytes(), str(path)
+            continue
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}: line {lineno}: expected a JSON object with a \"text\" string ({e!r})")
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}: line {lineno}: \"text\" is {type(text).__name__}, expected a string")
+                yield text.encode("utf-8", "surrogatepass"), f"{path}:{lineno}"
+
+
+def _build_cache(kind, paths, out_dir, quiet):
+    """Tokenize every document once into out_dir/tokens.u16 + offsets.npy (+ meta.json)."""
+    enc = get_tokenizer()
+    total_bytes = sum(p.stat().st_size for p in paths)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    offsets, n_tokens, done_bytes, n_empty, n_bad_utf8, t0, last = [0], 0, 0, 0, 0, time.time(), 0.0
+
+    def flush(texts, f):
+        nonlocal n_tokens
+        for ids in enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1):
+            np.asarray([EOT] + ids, dtype=np.uint16).tofile(f)
+            n_tokens += len(ids) + 1
+            offsets.append(n_tokens)
+
+    with open(tmp / "tokens.u16", "wb") as f:
+        texts = []
+        for raw, where in _iter_texts(kind, paths):
+            done_bytes += len(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text, n_bad_utf8 = raw.decode("utf-8", errors="replace"), n_bad_utf8 + 1
+            if not text.strip():
+                n_empty += 1
+                continue
+            texts.append(text)
+            if len(texts) == 64:
+                flush(texts, f)
+                texts = []
+            now = time.time()
+            if not quiet and now - last > 2:
+                last, rate = now, done_bytes / 1e6 / max(now - t0, 1e-9)
+                eta = (total_bytes - done_bytes) / 1e6 / max(rate, 1e-9)
+                print(f"\rtokenizing: {len(offsets) - 1 + len(texts)} docs, {done_bytes / 1e6:.1f}/"
+                      f"{total_bytes / 1e6:.1f} MB, {rate:.2f} MB/s, ETA {eta:.0f}s", end="", file=sys.stderr)
+        flush(texts, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if len(offsets) == 1:
+        shutil.rmtree(tmp)
+        raise ValueError(f"{paths[0] if len(paths) == 1 else paths[0].parent}: no non-empty document found")
+    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    meta = dict(docs=len(offsets) - 1, tokens=n_tokens, empty_skipped=n_empty, non_utf8_replaced=n_bad_utf8,
+                megabytes=round(done_bytes / 1e6, 2), seconds=round(time.time() - t0, 2))
+    (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
+    try:
+        os.replace(tmp, out_dir)  # atomic: an interrupted build never leaves a usable-looking cache
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"\rprepared {out_dir}: {json.dumps(meta)}", file=sys.stderr)
+
+
+class Corpus:
+    """Documents as slices of token arrays: doc i = arrays[src[i]][start[i] : start[i] + length[i]]."""
+
+    def __init__(self, source=None, cache_dir=None, quiet=False):
+        kind, paths = resolve_source(source)
+        self.source, self.kind = source, kind
+        if kind == "shards":
+            self.arrays, src, start, length = [], [], [], []
+            for i, path in enumerate(paths):
+                tokens = read_shard(path)
+                starts = np.flatnonzero(tokens == EOT)
+                if len(tokens) and (not len(starts) or starts[0] != 0):
+                    starts = np.concatenate([[0], starts])  # tokens before the first EOT: a document too
+                self.arrays.append(tokens)
+                src.append(np.full(len(starts), i, dtype=np.int32))
+                start.append(starts)
+                length.append(np.diff(np.append(starts, len(tokens))))
+            self.src, self.start, self.length = (np.concatenate(a).astype(np.int64) for a in (src, start, length))
+            self.summary = dict(docs=len(self.start), tokens=int(self.length.sum()), shards=len(paths))
+            return
+        key = hashlib.sha256(json.dumps([CACHE_VERSION, RANKS_SHA256, kind, [
+            (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]]).encode()).hexdigest()
+        out = Path(cache_dir or DEFAULT_CACHE) / f"{kind}-{key[:20]}"
+        if not (out / "meta.json").is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _build_cache(kind, paths, out, quiet)
+        offsets = np.load(out / "offsets.npy")
+        self.arrays = [np.memmap(out / "tokens.u16", dtype=np.uint16, mode="r")]
+        self.src = np.zeros(len(offsets) - 1, dtype=np.int64)
+        self.start, self.length = offsets[:-1], np.diff(offsets)
+        self.summary = json.loads((out / "meta.json").read_text())
+        self.cache_path = out
+
+    def split(self, split, val_fraction):
+        """Document indices of a split. Deterministic and independent of the training seed."""
+        n = len(self.start)
+        if n < 2:
+            raise ValueError(f"{self.source}: {n} document(s); a train/val split needs at least 2")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction {val_fraction}, expected 0 < val_fraction < 1")
+        n_val = min(n - 1, max(1, round(n * val_fraction)))
+        perm = np.random.default_rng(20240520).permutation(n)
+        if split not in ("train", "val"):
+            raise ValueError(f"split {split!r}, expected 'train' or 'val'")
+        return np.sort(perm[n_val:] if split == "train" else perm[:n_val])
+
+
+# ----------------------------------------------------------------------------- packing
+
+def chunk(lengths, seq_len):
+    """Cut documents of the given lengths into chunks of at most seq_len -> (doc, offset, length) arrays."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n_chunks = -(-lengths // seq_len)
+    doc = np.repeat(np.arange(len(lengths)), n_chunks)
+    first = np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    offset = (np.arange(len(doc)) - first) * seq_len
+    return doc, offset, np.minimum(seq_len, lengths[doc] - offset)
+
+
+def best_fit(lengths, seq_len):
+    """Best-fit decreasing: -> list of rows, each a list of item indices whose lengths sum to <= seq_len."""
+    caps, owners, rows = [], [], []  # caps: sorted free space of open rows; owners: their row index
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        size = int(lengths[i])
+        j = bisect_left(caps, size)  # the open row with the least free space that still fits
+        if j == len(caps):
+            row, free = len(rows), seq_len - size
+            rows.append([i])
+        else:
+            free, row = caps.pop(j) - size, owners.pop(j)
+            rows[row].append(i)
+        if free > 0:
+            k = bisect_left(caps, free)
+            caps.insert(k, free)
+            owners.insert(k, row)
+    return rows
+
+
+def rows_to_batch(rows, seq_len):
+    """rows: list of lists of 1-D token arrays (the segments of each row) -> batch dict of (B, T) tensors."""
+    B = len(rows)
+    ids = np.full((B, seq_len), EOT, dtype=np.int64)
+    doc = np.full((B, seq_len), -1, dtype=np.int32)
+    pos = np.zeros((B, seq_len), dtype=np.int64)
+    for b, segments in enumerate(rows):
+        t = 0
+        for d, seg in enumerate(segments):
+            n = len(seg)
+            ids[b, t:t + n], doc[b, t:t + n], pos[b, t:t + n] = seg, d, np.arange(n)
+            t += n
+        if t > seq_len:
+            raise ValueError(f"row {b}: {t} tokens, expected at most seq_len={seq_len}")
+    doc_t = torch.from_numpy(doc)
+    return dict(input_ids=torch.from_numpy(ids), attention_mask=doc_t >= 0,
+                doc_ids=doc_t, position_ids=torch.from_numpy(pos))
+
+
+def pack(docs, seq_len):
+    """Pack token lists (each already starting with EOT) into rows of seq_len -> batch dict. Every token once."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len {seq_len}, expected >= 2")
+    docs = [np.asarray(d, dtype=np.int64) for d in docs]
+    doc, off, length = chunk([len(d) for d in docs], seq_len)
+    keep = length > 0
+    doc, off, length = doc[keep], off[keep], length[keep]
+    rows = [[docs[doc[i]][off[i]:off[i] + length[i]] for i in row] for row in best_fit(length, seq_len)]
+    return rows_to_batch(rows, seq_len)
+
+
+class PackedLoader:
+    """Deterministic packed rows of one split; rank r of W takes global rows r, r+W, ... .
+
+    Epoch e shuffles the split's documents with seed (seed, e), cuts them into chunks, and packs each
+    window of PACK_WINDOW chunks with best-fit decreasing; the rows of a window are then shuffled.
+    State is (epoch, window, row inside the window): three integers, the same on every rank.
+    """
+
+    def __init__(self, source=None, split="train", batch_size=8, seq_len=1024, rank=0, world_size=1, seed=0,
+                 device="cpu", val_fraction=0.01, cache_dir=None, quiet=False, corpus=None):
+        if seq_len < 2:
+            raise ValueError(f"seq_len {seq_len}, expected >= 2")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}, expected >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of world_size {world_size}, expected 0 <= rank < world_size")
+        self.corpus = corpus or Corpus(source, cache_dir=cache_dir, quiet=quiet)
+        self.docs = self.corpus.split(split, val_fraction)
+        self.B, self.T, self.rank, self.W, self.seed = batch_size, seq_len, rank, world_size, seed
+        self.device = torch.device(device)
+        self.epoch, self.window, self.row = 0, 0, 0
+        self._epoch_chunks = self._window_rows = None
+
+    def _chunks(self, epoch):
+        if self._epoch_chunks is None or self._epoch_chunks[0] != epoch:
+            docs = np.random.default_rng([self.seed, epoch]).permutation(self.docs)
+            doc, off, length = chunk(self.corpus.length[docs], self.T)
+            self._epoch_chunks = (epoch, docs[doc], off, length)
+        return self._epoch_chunks[1:]
+
+    def _rows(self, epoch, window):
+        """The packed rows of one window, each an array of (doc, offset, length) segments."""
+        if self._window_rows is None or self._window_rows[0] != (epoch, window):
+            doc, off, length = (a[window * PACK_WINDOW:(window + 1) * PACK_WINDOW] for a in self._chunks(epoch))
+            rows = best_fit(length, self.T)
+            order = np.random.default_rng([self.seed, epoch, window]).permutation(len(rows))
+            self._window_rows = ((epoch, window), [np.stack([doc[rows[r]], off[rows[r]], length[rows[r]]], 1)
+                                                   for r in order])
+        return self._window_rows[1]
+
+    def _next_rows(self, n):
+        """The next n rows of the global stream (advances the state)."""
+        out = []
+        while len(out) < n:
+            rows = self._rows(self.epoch, self.window)
+            take = rows[self.row:self.row + n - len(out)]
+            out += take
+            self.row += len(take)
+            if self.row == len(rows):
+                self.window, self.row = self.window + 1, 0
+                if self.window * PACK_WINDOW >= len(self._chunks(self.epoch)[0]):
+                    self.epoch, self.window = self.epoch + 1, 0
+        return out
+
+    def next_batch(self):
+        mine = self._next_rows(self.B * self.W)[self.rank::self.W]
+        c = self.corpus
+        rows = [[c.arrays[c.src[d]][c.start[d] + o:c.start[d] + o + n] for d, o, n in segs] for segs in mine]
+        batch = rows_to_batch(rows, self.T)
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, window=self.window, row=self.row, seed=self.seed, seq_len=self.T)
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["seq_len"]) != (self.seed, self.T):
+            raise ValueError(f"loader state for seed {state['seed']}, seq_len {state['seq_len']}; "
+                             f"this loader has seed {self.seed}, seq_len {self.T}")
+        self.epoch, self.window, self.row = int(state["epoch"]), int(state["window"]), int(state["row"])
+
+
+def packing_report(seq_lens=(256, 512, 1024), source=None):
+    """Fraction of real tokens, packed vs one document (chunk) per padded row, over one epoch of the train split."""
+    loader = PackedLoader(source, seq_len=2)
+    out = {}
+    for T in seq_lens:
+        loader.T, loader._epoch_chunks, loader._window_rows = T, None, None
+        _, _, length = loader._chunks(0)
+        n_rows = sum(len(loader._rows(0, w)) for w in range(-(-len(length) // PACK_WINDOW)))
+        out[T] = dict(packed=length.sum() / (n_rows * T), padded=length.sum() / (len(length) * T))
+    return out
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    loader = PackedLoader(batch_size=16, seq_len=1024)
+    print(f"corpus: {loader.corpus.summary} ({time.time() - t0:.1f}s)")
+    for T, r in packing_report().items():
+        print(f"seq_len {T}: real-token fraction packed {r['packed']:.4f}, one document per row {r['padded']:.4f}")

@@ -1,0 +1,101 @@
+"""loss.py: which targets each multi-token-prediction head may learn from, and the loss as sums and counts.
+
+Head k (k = 1..n_predict) predicts token t + k. Its target at (b, t) is input_ids[b, t + k] when
+t + k < T and doc_ids[b, t] >= 0 and doc_ids[b, t + k] == doc_ids[b, t]; otherwise -100 (ignored).
+Validity comes from position and document, never from comparing ids with a pad id: EOT is a real token.
+
+The loss is returned as per-head sums and counts; train.py divides once by the global count of the
+whole step (all micro-batches, all ranks). mtp_loss() never materializes the (n_predict, B, T, vocab)
+logits: it walks over chunks of rows and computes the gradients during the forward (the design of
+Liger-Kernel's fused linear cross-entropy), keeping only grad_hidden and one grad_weight per head.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+CHUNK_ELEMS = 2**24  # logits held at once: chunk_rows * vocab (64 MiB in float32)
+
+
+def mtp_targets(input_ids, doc_ids, n_predict):
+    """-> (n_predict, B, T) int64 targets, IGNORE where head k has nothing valid to predict.
+    The one place that decides target validity."""
+    B, T = input_ids.shape
+    out = torch.full((n_predict, B, T), IGNORE, dtype=torch.long, device=input_ids.device)
+    for k in range(1, min(n_predict, T - 1) + 1):
+        ok = (doc_ids[:, k:] == doc_ids[:, :-k]) & (doc_ids[:, :-k] >= 0)  # (B, T - k)
+        out[k - 1, :, :-k] = torch.where(ok, input_ids[:, k:], IGNORE)
+    return out
+
+
+def count_targets(batch, n_predict):
+    """-> (n_predict,) int64 valid targets per head; needs no model, so counts can be all-reduced early."""
+    return (mtp_targets(batch["input_ids"], batch["doc_ids"], n_predict) != IGNORE).sum((1, 2))
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sums[k] = sum over valid rows of cross_entropy(h[k] @ w.T, targets[k]); gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx, h_KND, w_VD, tgt_KN, chunk_rows, need_grad):
+        K, N, D = h_KND.shape
+        dt = h_KND.dtype
+        acc = torch.promote_types(dt, torch.float32)  # softmax and accumulation: at least float32
+        need_w = need_grad and w_VD.requires_grad
+        w = w_VD.to(dt)
+        sums_K = torch.zeros(K, dtype=acc, device=h_KND.device)
+        grad_h = torch.empty_like(h_KND)
+        grad_w = torch.zeros(K if need_w else 0, *w_VD.shape, dtype=acc, device=w_VD.device)
+        for k in range(K):
+            for s in range(0, N, chunk_rows):
+                h_CD, t_C = h_KND[k, s:s + chunk_rows], tgt_KN[k, s:s + chunk_rows]
+                logits_CV = (h_CD @ w.t()).to(acc)
+                valid_C = t_C != IGNORE
+                t_safe = torch.where(valid_C, t_C, 0)[:, None]
+                lse_C = torch.logsumexp(logits_CV, dim=-1)
+                sums_K[k] += ((lse_C - logits_CV.gather(1, t_safe)[:, 0]) * valid_C).sum()
+                if not need_grad:
+                    continue
+                # d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows
+                g_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+                g_CV.scatter_add_(1, t_safe, torch.full_like(t_safe, -1, dtype=g_CV.dtype))
+                g_CV = (g_CV * valid_C[:, None]).to(dt)
+                grad_h[k, s:s + chunk_rows] = g_CV @ w
+                if need_w:
+                    grad_w[k] += (g_CV.t() @ h_CD).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w_VD.dtype
+        return sums_K
+
+    @staticmethod
+    def backward(ctx, grad_sums_K):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_sums_K.to(grad_h.dtype)[:, None, None]
+        dw = torch.einsum("k,kvd->vd", grad_sums_K.to(grad_w.dtype), grad_w).to(ctx.w_dtype) if grad_w.shape[0] else None
+        return dh, dw, None, None, None
+
+
+def mtp_loss(hidden, weight, targets, chunk_rows=None):
+    """hidden (n_predict, B, T, D), weight (V, D) the unembedding, targets (n_predict, B, T)
+    -> (sums, counts), each (n_predict,): summed cross-entropy (float32) and number of valid targets."""
+    K, B, T, D = hidden.shape
+    if targets.shape != (K, B, T):
+        raise ValueError(f"targets shape {tuple(targets.shape)}, expected {(K, B, T)} to match hidden")
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMS // weight.shape[0])
+    tgt = targets.reshape(K, B * T)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    sums = _ChunkedLinearCE.apply(hidden.reshape(K, B * T, D), weight, tgt, chunk_rows, need_grad)
+    return sums, (tgt != IGNORE).sum(1)
+
+
+def mtp_loss_reference(hidden, weight, targets):
+    """The plain way, for tests and benchmarks: materialize all logits, then F.cross_entropy."""
+    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+    sums = torch.stack([F.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten(),
+                                        ignore_index=IGNORE, reduction="sum") for k in range(len(hidden))])
+    return sums, (targets != IGNORE).sum((1, 2))
+
+
+def objective(sums, counts, head_weights):
+    """sum_k w_k * sums_k / counts_k, with a head of zero count contributing 0 (never NaN).
+    Used for logging and eval; the training step applies the same formula with global counts."""
+    return (head_weights * sums / counts.clamp(min=1)).sum()
