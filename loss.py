@@ -95,7 +95,12 @@ def mtp_loss_reference(hidden, weight, targets):
     return sums, (targets != IGNORE).sum((1, 2))
 
 
+def step_coefficients(global_counts, head_weights, world_size=1):
+    """The factor each micro-batch multiplies its per-head sums by before backward: world_size * w_k / N_k,
+    with N_k the global count of the whole step (DDP averages gradients, hence world_size); 0 where N_k = 0."""
+    return torch.where(global_counts > 0, head_weights * world_size / global_counts.clamp(min=1), 0.0)
+
+
 def objective(sums, counts, head_weights):
-    """sum_k w_k * sums_k / counts_k, with a head of zero count contributing 0 (never NaN).
-    Used for logging and eval; the training step applies the same formula with global counts."""
-    return (head_weights * sums / counts.clamp(min=1)).sum()
+    """sum_k w_k * sums_k / counts_k over a whole step or evaluation; a head with no target adds 0."""
+    return (step_coefficients(counts, head_weights) * sums).sum()

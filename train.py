@@ -19,6 +19,7 @@ into micro-batches or ranks, nor on padding. What is logged is this objective, r
 import ast
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from data import PackedLoader
-from loss import count_targets, mtp_loss, mtp_targets
+from loss import count_targets, mtp_loss, mtp_targets, objective, step_coefficients
 from model import Model, ModelConfig
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -341,8 +342,12 @@ def main(cfg):
     if c.compile:
         raw_model.compile_blocks()
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                          broadcast_buffers=False)
+        # Buffers are not broadcast: the expert biases are updated identically on every rank from
+        # all-reduced counts (the keyword was renamed in torch 2.13).
+        DDP = torch.nn.parallel.DistributedDataParallel
+        no_sync_buffers = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                            else "broadcast_buffers"): False}
+        model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None, **no_sync_buffers)
 
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * world
     log(f"config: {json.dumps(cfg)}")
@@ -379,7 +384,7 @@ def main(cfg):
         all_reduce(acc)
         model.train()
         sums, counts = acc[:c.n_predict], acc[c.n_predict:].clamp(min=1)
-        return (head_w.double() * sums / counts).sum().item(), (sums / counts).tolist()
+        return objective(sums, counts, head_w.double()).item(), (sums / counts).tolist()
 
     def checkpoint(step, val_loss):
         loader_states = [None] * world
@@ -410,7 +415,7 @@ def main(cfg):
             metrics.flush()
 
     n_moe = sum(1 for i in range(c.n_layer) if i >= c.n_dense_layers)
-    t_start, t_last, skips, val_loss, last_saved = time.time(), time.time(), 0, None, None
+    t_start, t_last, skips, val_loss, last_saved = time.time(), time.time(), 0, None, step or None
     tok_since, first_step = 0.0, step
     while step < c.max_iters:
         lr = lr_at(step, c)
@@ -419,7 +424,7 @@ def main(cfg):
         batches = [loader.next_batch() for _ in range(c.grad_accum_steps)]
         # N_k over the whole step (all micro-batches, all ranks), counted before any forward.
         n_k = all_reduce(sum(count_targets(b, c.n_predict) for b in batches).to(device))
-        coef = head_w * world / n_k.clamp(min=1) * (n_k > 0)  # a head with no target contributes 0
+        coef = step_coefficients(n_k, head_w, world)
         stats = torch.zeros(2 * c.n_predict + 3 + n_moe * c.n_experts, device=device, dtype=torch.float64)
         for i, batch in enumerate(batches):
             sync = nullcontext() if not ddp or i == c.grad_accum_steps - 1 else model.no_sync()
@@ -427,8 +432,8 @@ def main(cfg):
                 sums, counts, aux, expert_counts = run_micro(batch, True)
                 if step == c.debug_nan_step and rank == c.debug_nan_rank:
                     sums = sums * float("nan")
-                objective = (coef * sums).sum() + aux / c.grad_accum_steps
-                objective.backward()
+                micro_loss = (coef * sums).sum() + aux / c.grad_accum_steps
+                micro_loss.backward()
             stats[:c.n_predict] += sums.detach().double()
             stats[c.n_predict:2 * c.n_predict] += counts.double()
             stats[2 * c.n_predict] += aux.detach().double() / (c.grad_accum_steps * world)
@@ -438,7 +443,7 @@ def main(cfg):
         stats[2 * c.n_predict + 2] = float(stop_requested[0] or step + 1 - first_step == c.stop_after)
         all_reduce(stats)  # one small collective per step: logging values, guards, stop flag
         head_sums, head_counts = stats[:c.n_predict], stats[c.n_predict:2 * c.n_predict]
-        loss = (head_w.double() * head_sums / head_counts.clamp(min=1)).sum()
+        loss = objective(head_sums, head_counts, head_w.double())
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))  # the same on every rank
         if n_k.sum() == 0:
             log(f"step {step}: no valid target in the whole step, no optimizer step taken")
@@ -499,13 +504,24 @@ def main(cfg):
     if metrics:
         metrics.close()
     log(f"done: {step} steps in {time.time() - t_start:.0f}s")
-    if ddp:
+    if ddp:  # a cheap end-of-run check that DDP kept every replica identical
+        fingerprint = torch.stack([sum(p.double().sum() for p in raw_model.parameters()),
+                                   sum(p.double().square().sum() for p in raw_model.parameters())])
+        gathered = [torch.zeros_like(fingerprint) for _ in range(world)]
+        dist.all_gather(gathered, fingerprint)
+        log(f"replicas identical: {all(torch.equal(g, gathered[0]) for g in gathered)}")
+        dist.barrier()
         dist.destroy_process_group()
+    return ddp
 
 
 if __name__ == "__main__":
     try:
-        main(parse_config(sys.argv[1:]))
+        distributed = main(parse_config(sys.argv[1:]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if distributed:  # skip interpreter teardown: gloo worker threads can abort it (pytorch PR 179291)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
