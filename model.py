@@ -48,7 +48,7 @@ class ModelConfig:
     router_noise: float = 0.0  # std of Gaussian noise on router logits in training (0 = none)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0 with bias balancing)
     z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
-    attn_backend: str = "sdpa"  # "sdpa" (dense mask) or "flex" (FlexAttention BlockMask)
+    attn_backend: str = "auto"  # "sdpa" (dense mask), "flex" (FlexAttention BlockMask), "auto": flex on CUDA
     moe_backend: str = "auto"  # "loop", "grouped" (torch._grouped_mm), or "auto": grouped on CUDA in bf16
 
     def __post_init__(self):
@@ -69,8 +69,8 @@ class ModelConfig:
             bad(f"n_dense_layers={self.n_dense_layers} > n_layer={self.n_layer}")
         if not 0 <= self.dropout < 1:
             bad(f"dropout={self.dropout}, expected 0 <= dropout < 1")
-        if self.attn_backend not in ("sdpa", "flex"):
-            bad(f"attn_backend={self.attn_backend!r}, expected 'sdpa' or 'flex'")
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            bad(f"attn_backend={self.attn_backend!r}, expected 'auto', 'sdpa' or 'flex'")
         if self.moe_backend not in ("auto", "loop", "grouped"):
             bad(f"moe_backend={self.moe_backend!r}, expected 'auto', 'loop' or 'grouped'")
 
@@ -342,14 +342,15 @@ class Model(nn.Module):
         valid = doc_ids >= 0
         if bool((doc_ids == 0).all()):
             mask = None  # every row is one document without padding: plain causal, the fastest path
-        elif self.cfg.attn_backend == "flex":
+        elif self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and input_ids.is_cuda):
             mask = flex_block_mask(doc_ids)
         else:
             mask = doc_mask(doc_ids)
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, hd/2)
-        return self._run(self.drop(self.tok_emb(input_ids)), cos, sin, mask, valid)
+        return self.blocks_and_heads(self.drop(self.tok_emb(input_ids)), cos, sin, mask, valid)
 
-    def _run(self, x, cos, sin, mask, valid, kv_cache=None):
+    def blocks_and_heads(self, x, cos, sin, mask, valid, kv_cache=None):
+        """Embeddings x (B, T, D) through the trunk and the heads -> ModelOutput (kv_cache: see sample.py)."""
         aux, counts = x.new_zeros(()), []
         for block in self.blocks:
             x, a, c = block(x, cos, sin, mask, valid, kv_cache)

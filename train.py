@@ -45,6 +45,7 @@ data = None  # None: the Python standard library; or a text file, a folder, a .j
 val_fraction = 0.01  # fraction of documents held out for evaluation (at least one)
 cache_dir = ""  # token cache folder for text sources; "" means data_cache/ beside data.py
 # model (ModelConfig fields)
+vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64
 seq_len = 256  # tokens per row
 n_layer = 2  # trunk blocks
 n_head = 4  # attention heads
@@ -57,6 +58,7 @@ expert_hidden = 0  # hidden size of one expert; 0 derives 4 * n_embd // (top_k +
 n_dense_layers = 0  # leading trunk blocks with a dense FFN
 n_predict = 4  # multi-token-prediction heads; head k predicts token t + k
 tie_embeddings = True  # share the token embedding and the unembedding
+rope_base = 10000.0  # rotary embedding base
 dropout = 0.0  # residual dropout
 router_noise = 0.0  # std of noise on router logits during training
 aux_loss_coef = 0.01  # Switch load-balancing loss weight
@@ -73,14 +75,14 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = off
 # schedule
-max_iters = 200  # optimizer steps
+max_iters = 150  # optimizer steps
 warmup_iters = 10  # linear warmup steps
 lr_schedule = "cosine"  # "cosine" (warmup, cosine decay to the floor) or "wsd" (warmup, stable, decay)
 decay_frac = 0.2  # wsd: fraction of max_iters spent in the final linear decay
 # run
 batch_size = 8  # rows per micro-batch per rank; global batch = batch_size * grad_accum_steps * world size
 grad_accum_steps = 1  # micro-batches per optimizer step
-eval_interval = 100  # evaluate (and checkpoint) every this many steps, and at the end
+eval_interval = 50  # evaluate (and checkpoint) every this many steps, and at the end
 eval_iters = 4  # held-out global batches per evaluation (the same rows whatever the world size)
 log_interval = 10  # steps between log lines
 out_dir = "out"  # checkpoints and metrics.jsonl
@@ -106,12 +108,12 @@ MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
 RESUME_MUST_MATCH = MODEL_FIELDS + ["data", "val_fraction", "seed", "world_size"]
 
 
-def parse_value(name, text, where):
+def parse_value(name, text, where, defaults):
     """Parse an override as a Python literal and check it against the default's type. Nothing is eval'd."""
-    if name not in DEFAULTS:
-        close = difflib.get_close_matches(name, DEFAULTS, n=3)
+    if name not in defaults:
+        close = difflib.get_close_matches(name, defaults, n=3)
         raise ValueError(f"{where}: unknown setting {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    default = DEFAULTS[name]
+    default = defaults[name]
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -125,8 +127,9 @@ def parse_value(name, text, where):
     return value
 
 
-def parse_config(argv):
-    cfg = dict(DEFAULTS)
+def parse_config(argv, defaults=DEFAULTS):
+    """--name=value arguments (and --config=FILE of `name = value` lines) over the defaults -> dict."""
+    cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected --name=value")
@@ -136,9 +139,9 @@ def parse_config(argv):
                 line = line.split("#", 1)[0].strip()
                 if line:
                     key, _, val = line.partition("=")
-                    cfg[key.strip()] = parse_value(key.strip(), val.strip(), f"{text}:{i}")
+                    cfg[key.strip()] = parse_value(key.strip(), val.strip(), f"{text}:{i}", defaults)
         else:
-            cfg[name] = parse_value(name, text, "command line")
+            cfg[name] = parse_value(name, text, "command line", defaults)
     return cfg
 
 
@@ -279,7 +282,7 @@ def main(cfg):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     master = rank == 0
     cfg["world_size"] = world
-    log = print if master else (lambda *a, **k: None)
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     random.seed(c.seed + rank)
     np.random.seed(c.seed + rank)
     torch.manual_seed(c.seed + rank)  # dropout / router noise differ per rank; weights are broadcast by DDP
@@ -294,10 +297,7 @@ def main(cfg):
         return t
 
     # ------------------------------------------------------------------------- model
-    mcfg = ModelConfig(**{k: cfg[k] for k in MODEL_FIELDS if k in cfg and k not in ("attn_backend", "moe_backend")},
-                       attn_backend=c.attn_backend if c.attn_backend != "auto" else ("flex" if device.type == "cuda" else "sdpa"),
-                       moe_backend=c.moe_backend)
-    cfg.update(attn_backend=mcfg.attn_backend)
+    mcfg = ModelConfig(**{k: cfg[k] for k in MODEL_FIELDS})
     torch.manual_seed(c.seed)  # the same initial weights on every rank
     raw_model = Model(mcfg).to(device, torch.float64 if c.dtype == "float64" else torch.float32)
     torch.manual_seed(c.seed + rank)

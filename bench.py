@@ -1,0 +1,253 @@
+"""bench.py: the performance report, measured side by side in one run on the current machine.
+
+    python bench.py            # a table (about 4 minutes on 2 CPU cores)
+    python bench.py --json     # the same figures as one JSON object
+    python bench.py --quick    # fewer repetitions, smaller sizes (a smoke run)
+
+Medians over repetitions after warm-up; where two things are compared, the ratio is measured in the same
+run, since these machines are shared and absolute times drift. Peak memory of the loss variants is the
+peak resident set size of a fresh subprocess, minus that of the same subprocess stopped before the step.
+"""
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+from loss import mtp_loss, mtp_loss_reference, mtp_targets
+from model import Model, ModelConfig, doc_mask, experts_grouped, experts_loop, flex_attention, flex_block_mask
+
+QUICK = "--quick" in sys.argv
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REPS = 2 if QUICK else 5
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps=REPS, warmup=1):
+    """Median seconds of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak():
+    """FLOP/s of a large float32 (and on CUDA bf16) matrix multiply: this machine's own limit."""
+    n = 2048 if DEV.type == "cpu" else 8192
+    out = {}
+    for dt in ([torch.float32] + ([torch.bfloat16] if DEV.type == "cuda" else [])):
+        a, b = torch.randn(n, n, device=DEV, dtype=dt), torch.randn(n, n, device=DEV, dtype=dt)
+        out[str(dt).split(".")[1]] = 2 * n**3 / timed(lambda: a @ b)
+    return out
+
+
+def default_model_config(**kw):
+    """The model of `python train.py` with no argument (train.py's constants)."""
+    import train
+    d = train.DEFAULTS
+    base = {k: d[k] for k in ("seq_len", "n_layer", "n_head", "n_embd", "n_experts", "top_k", "n_shared_experts",
+                              "n_predict", "tie_embeddings")}
+    return ModelConfig(**{**base, **kw}), d["batch_size"]
+
+
+def train_step_bench(cfg, batch_size, compiled, loader):
+    torch.manual_seed(0)
+    model = Model(cfg).to(DEV)
+    if compiled:
+        model.compile_blocks()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV.type == "cuda")
+    batches = [loader.next_batch() for _ in range(3)]
+    ac = torch.autocast("cuda", torch.bfloat16) if DEV.type == "cuda" else torch.autocast("cpu", enabled=False)
+    i = [0]
+
+    def step():
+        b = {k: v.to(DEV) for k, v in batches[i[0] % 3].items()}
+        i[0] += 1
+        with ac:
+            out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
+            sums, counts = mtp_loss(out.hidden, model.lm_head.weight, mtp_targets(b["input_ids"], b["doc_ids"], cfg.n_predict))
+        ((sums / counts.clamp(min=1)).sum() + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    step()  # the first step (compiles when compiled)
+    first = time.perf_counter() - t0
+    sec = timed(step, reps=REPS if not QUICK else 2, warmup=1)
+    real = sum(int(b["attention_mask"].sum()) for b in batches) / 3
+    fpt = model.flops_per_token()
+    return dict(seconds=sec, first_step_s=first, real_tokens_per_s=real / sec,
+                flops_per_s=fpt * batch_size * cfg.seq_len / sec)
+
+
+LOSS_CHILD = r"""
+import resource, sys, time, torch
+from model import Model, ModelConfig
+from loss import mtp_loss, mtp_loss_reference, mtp_targets
+import bench, data
+n_predict, fused, run = int(sys.argv[1]), sys.argv[2] == "fused", sys.argv[3] == "run"
+cfg, B = bench.default_model_config(n_predict=n_predict)
+model = Model(cfg)
+b = data.PackedLoader(batch_size=B, seq_len=cfg.seq_len, quiet=True).next_batch()
+t = 0.0
+if run:
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
+        fn = mtp_loss if fused else mtp_loss_reference
+        sums, counts = fn(out.hidden, model.lm_head.weight, mtp_targets(b["input_ids"], b["doc_ids"], n_predict))
+        ((sums / counts).sum() + out.aux_loss).backward()
+        model.zero_grad(set_to_none=False)
+        t = time.perf_counter() - t0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, t)
+"""
+
+
+def loss_memory():
+    """Peak memory of a training step (forward, loss, backward) with 1 and 4 heads, fused vs materialized:
+    peak RSS of a fresh process, and the same minus the process that builds everything but never steps."""
+    out = {}
+    for n_predict in (1, 4):
+        run = lambda fused, mode: subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n_predict), fused, mode],
+                                                 capture_output=True, text=True, check=True).stdout.split()
+        base = int(run("fused", "idle")[0])
+        for fused in ("fused", "materialized"):
+            rss, sec = run(fused, "run")
+            out[f"{n_predict}_heads_{fused}"] = dict(peak_gib=int(rss) / 2**30, step_gib=(int(rss) - base) / 2**30,
+                                                     seconds=float(sec))
+    return out
+
+
+def moe_bench():
+    """Forward + backward of the routed experts at 8 experts top-2: loop (production on CPU) vs grouped
+    matmul vs computing every expert on every token."""
+    N, D, Fh, E, K = (1024 if QUICK else 4096), 256, 512, 8, 2
+    torch.manual_seed(0)
+    x = torch.randn(N, D, device=DEV, requires_grad=True)
+    w = [torch.randn(E, Fh, D, device=DEV, requires_grad=True) * 0.02 for _ in range(2)] + \
+        [torch.randn(E, D, Fh, device=DEV, requires_grad=True) * 0.02]
+    w = [t.detach().requires_grad_() for t in w]
+    scores = torch.randn(N, E, device=DEV).softmax(-1)
+    gate, idx = torch.topk(scores, K, dim=-1)
+
+    def dense():  # every expert on every token, then keep the top-k with their gates
+        h = F.silu(torch.einsum("nd,efd->enf", x, w[0])) * torch.einsum("nd,efd->enf", x, w[1])
+        y_EN = torch.einsum("enf,edf->end", h, w[2])
+        full = torch.zeros(N, E, device=DEV).scatter(1, idx, gate)
+        return torch.einsum("end,ne->nd", y_EN, full)
+    out = {}
+    for name, fn in (("loop", lambda: experts_loop(x, idx, gate, *w)),
+                     ("grouped", lambda: experts_grouped(x, idx, gate, *w)), ("dense", dense)):
+        out[name] = timed(lambda: fn().square().sum().backward())
+    return out
+
+
+def attention_bench():
+    out = {}
+    for T in ((256,) if QUICK else (256, 1024)):
+        B, H, hd = 4, 4, 32
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, hd, device=DEV, requires_grad=True) for _ in range(3))
+        lengths = torch.randint(T // 8, T // 2, (64,))
+        doc = torch.repeat_interleave(torch.arange(64), lengths)[:T].expand(B, T).contiguous().to(DEV)
+        mask = doc_mask(doc)
+        r = dict(masked_sdpa=timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()),
+                 causal_sdpa=timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()))
+        bm = flex_block_mask(doc)
+        if DEV.type == "cuda":
+            r["flex"] = timed(lambda: flex_attention(q, k, v, bm).sum().backward())
+        else:  # no FlexAttention backward on CPU; compare forwards
+            with torch.no_grad():
+                r["masked_sdpa_forward"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+                r["flex_forward_eager"] = timed(lambda: flex_attention(q, k, v, bm), reps=2)
+        out[T] = r
+    return out
+
+
+def loader_bench(train_tokens_per_s):
+    loader = data.PackedLoader(batch_size=8, seq_len=256, quiet=True)
+    loader.next_batch()
+    n = 50 if QUICK else 200
+    t0 = time.perf_counter()
+    real = sum(int(loader.next_batch()["attention_mask"].sum()) for _ in range(n))
+    sec = time.perf_counter() - t0
+    return dict(rows_per_s=n * 8 / sec, tokens_per_s=real / sec, ratio_to_training=real / sec / train_tokens_per_s)
+
+
+def main():
+    t_start = time.time()
+    res = dict(device=torch.cuda.get_device_name() if DEV.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+               torch=torch.__version__)
+    res["matmul_flops_per_s"] = peak = matmul_peak()
+    cfg, B = default_model_config()
+    loader = data.PackedLoader(batch_size=B, seq_len=cfg.seq_len, quiet=True)
+    big, _ = default_model_config(n_embd=256, n_layer=4, n_head=8)
+    res["train_step"] = {}
+    for name, c in (("default", cfg), ("larger", big)):
+        for compiled in (False, True):
+            if QUICK and compiled:
+                continue
+            r = train_step_bench(c, B, compiled, loader)
+            r["utilization_vs_fp32_matmul"] = r["flops_per_s"] / peak["float32"]
+            if "bfloat16" in peak:
+                r["utilization_vs_bf16_matmul"] = r["flops_per_s"] / peak["bfloat16"]
+            res["train_step"][f"{name}_{'compiled' if compiled else 'eager'}"] = r
+    res["packing"] = {str(T): v for T, v in data.packing_report().items()}
+    res["loader"] = loader_bench(res["train_step"]["default_eager"]["real_tokens_per_s"])
+    res["loss_memory"] = loss_memory() if DEV.type == "cpu" else "CPU only (peak RSS)"
+    res["moe_dispatch_s"] = moe_bench()
+    res["attention_s"] = attention_bench()
+    res["seconds"] = time.time() - t_start
+    if "--json" in sys.argv:
+        print(json.dumps(res, indent=1))
+        return
+    print(f"device: {res['device']}, torch {res['torch']}; float32 matmul {peak['float32'] / 1e9:.0f} GFLOP/s"
+          + (f", bf16 matmul {peak['bfloat16'] / 1e12:.0f} TFLOP/s" if "bfloat16" in peak else ""))
+    print("\ntraining step (forward, loss, backward, AdamW)   real tok/s   GFLOP/s   vs matmul   first step")
+    for k, r in res["train_step"].items():
+        print(f"  {k:45s} {r['real_tokens_per_s']:10.0f} {r['flops_per_s'] / 1e9:9.1f} "
+              f"{100 * r['utilization_vs_fp32_matmul']:9.1f}%  {r['first_step_s']:8.1f}s")
+    if "default_compiled" in res["train_step"]:
+        ts = res["train_step"]
+        print(f"  compiled / eager speed: default {ts['default_eager']['seconds'] / ts['default_compiled']['seconds']:.2f}x, "
+              f"larger {ts['larger_eager']['seconds'] / ts['larger_compiled']['seconds']:.2f}x")
+    print("\npacking, real-token fraction (default corpus, one epoch)   packed   one document chunk per row")
+    for T, r in res["packing"].items():
+        print(f"  seq_len {T:5s} {100 * r['packed']:47.2f}% {100 * r['padded']:10.2f}%")
+    ld = res["loader"]
+    print(f"loader: {ld['rows_per_s']:.0f} rows/s, {ld['tokens_per_s']:.0f} tokens/s = "
+          f"{ld['ratio_to_training']:.0f}x what the default training step consumes")
+    if isinstance(res["loss_memory"], dict):
+        lm = res["loss_memory"]
+        print("\nMTP loss, one training step at the default config   peak RSS   of which the step   time")
+        for k, r in lm.items():
+            print(f"  {k:45s} {r['peak_gib']:6.2f} GiB {r['step_gib']:10.2f} GiB {r['seconds']:9.2f}s")
+        for kind in ("fused", "materialized"):
+            a, b = lm[f"4_heads_{kind}"], lm[f"1_heads_{kind}"]
+            print(f"  4 heads / 1 head, {kind}: peak {a['peak_gib'] / b['peak_gib']:.2f}x, "
+                  f"step {a['step_gib'] / b['step_gib']:.2f}x, time {a['seconds'] / b['seconds']:.2f}x")
+    m = res["moe_dispatch_s"]
+    print(f"\nMoE dispatch, 8 experts top-2, forward+backward: loop {1e3 * m['loop']:.1f} ms, grouped "
+          f"{m['grouped'] / m['loop']:.2f}x loop's time, every expert on every token {m['dense'] / m['loop']:.2f}x")
+    for T, r in res["attention_s"].items():
+        print(f"attention T={T}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r.items())
+              + f"; masked / causal {r['masked_sdpa'] / r['causal_sdpa']:.2f}x")
+    print(f"\n({res['seconds']:.0f}s in all)")
+
+
+if __name__ == "__main__":
+    main()

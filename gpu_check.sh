@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# gpu_check.sh: on a machine with an NVIDIA GPU, check the CUDA paths against the CPU references the tests
+# use, train briefly on the default corpus, and print bench.py's figures. Under 8 minutes on one H100/H200.
+#   bash gpu_check.sh 2>&1 | tee gpu_check.log
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+$PY -c "import torch, numpy, tiktoken, pytest" 2>/dev/null || $PY -m pip install -q -r requirements.txt
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+echo "== 1. CUDA paths against the references (bf16 autocast, FlexAttention, grouped matmul, fused AdamW, compile)"
+timeout 300 $PY - <<'EOF'
+import torch, torch.nn.functional as F
+from data import pack, EOT
+from loss import mtp_loss, mtp_loss_reference, mtp_targets
+from model import Model, ModelConfig, doc_mask, flex_block_mask, flex_attention, experts_loop, experts_grouped
+assert torch.cuda.is_available(), "no CUDA device"
+dev = "cuda"
+print("torch", torch.__version__, torch.cuda.get_device_name())
+def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+g = torch.Generator().manual_seed(0)
+docs = [[EOT] + torch.randint(0, 50000, (int(n),), generator=g).tolist() for n in torch.randint(10, 900, (40,), generator=g)]
+batch = {k: v[:4].to(dev) for k, v in pack(docs, 1024).items()}
+# FlexAttention (compiled, BlockMask from doc_ids) vs SDPA with the dense mask, forward and backward
+q, k, v = (torch.randn(4, 8, 1024, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+bm, m = flex_block_mask(batch["doc_ids"]), doc_mask(batch["doc_ids"])
+yf, ys = flex_attention(q, k, v, bm), F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+gf = torch.autograd.grad(yf.float().square().sum(), (q, k, v)); gs = torch.autograd.grad(ys.square().sum(), (q, k, v))
+print(f"flex vs sdpa: out rel err {rel(yf, ys):.2e}, grad rel err {max(rel(a, b) for a, b in zip(gf, gs)):.2e}")
+assert rel(yf, ys) < 2e-2 and max(rel(a, b) for a, b in zip(gf, gs)) < 5e-2
+# grouped matmul (bf16) vs the per-expert loop (float32)
+x = torch.randn(4096, 768, device=dev); w = [torch.randn(8, 1024, 768, device=dev) * .02, torch.randn(8, 1024, 768, device=dev) * .02, torch.randn(8, 768, 1024, device=dev) * .02]
+idx = torch.randn(4096, 8, device=dev).topk(2, -1).indices; gate = torch.rand(4096, 2, device=dev)
+with torch.autocast("cuda", torch.bfloat16):
+    yg = experts_grouped(x, idx, gate, *w)
+yl = experts_loop(x, idx, gate, *w)
+print(f"grouped_mm bf16 vs loop fp32: rel err {rel(yg, yl):.2e}"); assert rel(yg, yl) < 2e-2
+# the whole model: bf16 + flex + grouped vs float32 + sdpa + loop, same weights; loss and gradients
+cfg = dict(seq_len=1024, n_layer=4, n_head=8, n_embd=512, n_experts=8, top_k=2, n_predict=4)
+torch.manual_seed(0); fast = Model(ModelConfig(**cfg)).to(dev)
+torch.manual_seed(0); ref = Model(ModelConfig(**cfg, attn_backend="sdpa", moe_backend="loop")).to(dev)
+def run(model, autocast):
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        o = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
+        s, c = mtp_loss(o.hidden, model.lm_head.weight, mtp_targets(batch["input_ids"], batch["doc_ids"], 4))
+    (s / c).sum().backward(); return s / c
+lf, lr = run(fast, True), run(ref, False)
+gerr = max(rel(a.grad, b.grad) for a, b in zip(fast.parameters(), ref.parameters()))
+print(f"model bf16/flex/grouped vs fp32/sdpa/loop: per-head loss {lf.tolist()} vs {lr.tolist()}, max grad rel err {gerr:.2e}")
+assert (lf - lr).abs().max() < 0.05 and gerr < 0.1
+# fused AdamW vs foreach AdamW: one step from the same gradients
+p1 = [p.detach().clone().requires_grad_() for p in ref.parameters()]; p2 = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+for a, b, r in zip(p1, p2, ref.parameters()): a.grad, b.grad = r.grad.clone(), r.grad.clone()
+torch.optim.AdamW(p1, lr=1e-3, fused=True).step(); torch.optim.AdamW(p2, lr=1e-3, foreach=True).step()
+print(f"fused vs foreach AdamW: max abs diff {max((a - b).abs().max().item() for a, b in zip(p1, p2)):.2e}")
+# the chunked cross-entropy vs the materialized reference under bf16 autocast
+h = torch.randn(4, 2, 512, 512, device=dev, requires_grad=True); W = torch.randn(50304, 512, device=dev) * .02
+tg = mtp_targets(batch["input_ids"][:2, :512], batch["doc_ids"][:2, :512], 4)
+with torch.autocast("cuda", torch.bfloat16):
+    s1, _ = mtp_loss(h, W, tg); s2, _ = mtp_loss_reference(h, W, tg)
+print(f"chunked vs materialized CE (bf16): rel err {rel(s1, s2):.2e}"); assert rel(s1, s2) < 1e-2
+# compile: no recompile after warm-up with varying documents and routing
+fast.compile_blocks()
+for i in range(5):
+    if i == 2: torch.compiler.set_stance("fail_on_recompile")
+    b = {k: v[:4].to(dev) for k, v in pack(docs[i * 5:], 1024).items()}  # 4 rows, other documents each time
+    with torch.autocast("cuda", torch.bfloat16):
+        o = fast(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
+    (o.hidden.float().sum() + o.aux_loss).backward()
+torch.compiler.set_stance("default")
+print("compile: no recompile after warm-up: OK")
+EOF
+
+echo "== 2. a short training run on the default corpus (bf16, flex, grouped matmul, compile)"
+rm -rf /tmp/gpu_check_run
+timeout 240 $PY train.py --out_dir=/tmp/gpu_check_run --seq_len=1024 --n_layer=6 --n_head=8 --n_embd=512 \
+    --n_experts=8 --batch_size=16 --max_iters=300 --warmup_iters=30 --learning_rate=2e-3 --eval_interval=150 \
+    --eval_iters=2 --log_interval=50 --compile=True
+
+echo "== 3. bench.py"
+timeout 200 $PY bench.py
