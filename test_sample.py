@@ -59,12 +59,14 @@ def test_kv_cache_equals_recomputing():
 
 def test_greedy_speculative_equals_plain(cyclic_model):
     model, pattern = cyclic_model
+    accepted = []
     for prompt in ([3, 1, 4], [9, 2], [7], torch.randint(0, V, (5,)).tolist()):
         plain, s_plain = generate(model, prompt, 40, temperature=0.0)
         spec, s_spec = generate(model, prompt, 40, temperature=0.0, speculative=True)
         assert spec == plain
-    assert s_spec["tokens_per_forward"] > 1.5, s_spec  # drafts were accepted: the accept path is exercised
-    assert s_plain["tokens_per_forward"] <= 1.0
+        assert s_plain["tokens_per_forward"] <= 1.0
+        accepted.append(s_spec["tokens_per_forward"])
+    assert accepted[0] > 1.5, accepted  # in the pattern, drafts are accepted: the accept path is exercised
     random_model = tiny(seed=1).eval()  # mostly rejected drafts: the rollback path
     prompt = [1, 2, 3]
     assert generate(random_model, prompt, 30, speculative=True)[0] == generate(random_model, prompt, 30)[0]
