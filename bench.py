@@ -6,10 +6,10 @@
 
 Medians over repetitions after warm-up; where two things are compared, the ratio is measured in the same
 run, since these machines are shared and absolute times drift. Peak memory of the loss variants is the
-peak resident set size of a fresh subprocess, minus that of the same subprocess stopped before the step.
+peak resident set size (Linux VmHWM) of a fresh subprocess, and that minus the same subprocess stopped
+before the step.
 """
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,7 +95,7 @@ def train_step_bench(cfg, batch_size, compiled, loader):
 
 
 LOSS_CHILD = r"""
-import resource, sys, time, torch
+import sys, time, torch
 from model import Model, ModelConfig
 from loss import mtp_loss, mtp_loss_reference, mtp_targets
 import bench, data
@@ -113,13 +113,15 @@ if run:
         ((sums / counts).sum() + out.aux_loss).backward()
         model.zero_grad(set_to_none=False)
         t = time.perf_counter() - t0
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, t)
+# VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(int(hwm) * 1024, t)
 """
 
 
 def loss_memory():
     """Peak memory of a training step (forward, loss, backward) with 1 and 4 heads, fused vs materialized:
-    peak RSS of a fresh process, and the same minus the process that builds everything but never steps."""
+    peak RSS (VmHWM) of a fresh process, and that minus the same process stopped before the step."""
     out = {}
     for n_predict in (1, 4):
         run = lambda fused, mode: subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n_predict), fused, mode],
@@ -171,17 +173,18 @@ def attention_bench():
         if DEV.type == "cuda":
             r["flex"] = timed(lambda: flex_attention(q, k, v, bm).sum().backward())
         else:  # no FlexAttention backward on CPU; compare forwards
-            with torch.no_grad():
-                r["masked_sdpa_forward"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-                r["flex_forward_eager"] = timed(lambda: flex_attention(q, k, v, bm), reps=2)
+            qd, kd, vd = q.detach(), k.detach(), v.detach()
+            r["masked_sdpa_forward"] = timed(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask))
+            r["flex_forward_eager"] = timed(lambda: flex_attention(qd, kd, vd, bm), reps=2)
         out[T] = r
     return out
 
 
 def loader_bench(train_tokens_per_s):
-    loader = data.PackedLoader(batch_size=8, seq_len=256, quiet=True)
-    loader.next_batch()
-    n = 50 if QUICK else 200
+    """Rows and real tokens per second of next_batch() from a fresh loader, window packing included."""
+    corpus = data.Corpus(quiet=True)
+    loader = data.PackedLoader(batch_size=8, seq_len=256, corpus=corpus)
+    n = 100 if QUICK else 1000
     t0 = time.perf_counter()
     real = sum(int(loader.next_batch()["attention_mask"].sum()) for _ in range(n))
     sec = time.perf_counter() - t0

@@ -39,7 +39,7 @@ class ModelConfig:
     n_experts: int = 8  # routed experts per MoE layer
     top_k: int = 2  # routed experts per token
     n_shared_experts: int = 1  # always-on experts (DeepSeekMoE); 0 for none
-    expert_hidden: int = 0  # SwiGLU hidden size of one expert; 0 -> 4 * n_embd // (top_k + n_shared_experts)
+    expert_hidden: int = 0  # SwiGLU hidden size of one expert; 0 -> 4 * n_embd / (top_k + n_shared_experts), rounded up to 16
     n_dense_layers: int = 0  # leading trunk blocks with a dense FFN instead of MoE (DeepSeek-V3 uses 3)
     n_predict: int = 4  # MTP heads; head k predicts token t + k
     rope_base: float = 10000.0
@@ -76,7 +76,8 @@ class ModelConfig:
 
     @property
     def ffn_hidden(self):
-        return self.expert_hidden or max(1, 4 * self.n_embd // (self.top_k + self.n_shared_experts))
+        # a multiple of 16 keeps grouped-matmul strides aligned (torch._grouped_mm needs 16-byte strides)
+        return self.expert_hidden or -(-4 * self.n_embd // (self.top_k + self.n_shared_experts) // 16) * 16
 
 
 @dataclass
@@ -212,8 +213,8 @@ class MoE(nn.Module):
         idx_NK = torch.topk(probs_NE + self.expert_bias, cfg.top_k, dim=-1).indices
         gate_NK = probs_NE.gather(1, idx_NK)
         gate_NK = (gate_NK / gate_NK.sum(-1, keepdim=True)).to(x_ND.dtype)
-        grouped = cfg.moe_backend == "grouped" or (
-            cfg.moe_backend == "auto" and x_ND.is_cuda and torch.is_autocast_enabled("cuda"))
+        grouped = cfg.moe_backend == "grouped" or (cfg.moe_backend == "auto" and x_ND.is_cuda
+                                                   and torch.is_autocast_enabled("cuda") and cfg.ffn_hidden % 16 == 0)
         dispatch = experts_grouped if grouped else experts_loop
         y_ND = dispatch(x_ND, idx_NK, gate_NK, self.w1_EFD, self.w3_EFD, self.w2_EDF)
         if self.shared is not None:

@@ -89,6 +89,8 @@ def probs_from(logits, temperature, top_k, top_p):
 
 
 def pick(probs, gen):
+    if gen is None:  # greedy (temperature 0): probs is one-hot
+        return probs.argmax(-1)
     return torch.multinomial(probs, 1, generator=gen)[..., 0]
 
 
@@ -104,6 +106,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         raise ValueError(f"prompt has {len(prompt)} tokens, the model's context is seq_len={seq_len}")
     budget = min(max_new_tokens, seq_len - len(prompt))
     dist = lambda logits: probs_from(logits, temperature, top_k, top_p)
+    gen = None if temperature == 0 else (gen or torch.Generator().manual_seed(0))
     dev = next(model.parameters()).device
     cache = KVCache(model, 1, seq_len + n)
     hidden = decode(model, torch.tensor([prompt], device=dev), cache)[:, 0, -1]  # (n_predict, D) at the last position
@@ -117,7 +120,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
 
     forced = None  # after a rejected draft (sampling): the token drawn from the residual distribution
     while True:
-        q = dist(model.logits(hidden))  # (n_predict, V): head 1's next token, heads 2..n's drafts after it
+        heads = hidden if speculative else hidden[:1]  # plain decoding needs head 1 only
+        q = dist(model.logits(heads))  # (n_predict, V): head 1's next token, heads 2..n's drafts after it
         nxt = forced if forced is not None else int(pick(q[0], gen))
         forced = None
         if emit(nxt):

@@ -201,3 +201,15 @@ def test_no_recompile_after_warmup():
             (out.hidden.sum() + out.aux_loss).backward()
     finally:
         torch.compiler.set_stance("default")
+
+
+def test_aux_free_bias_update_and_selection():
+    model = make()
+    counts = torch.tensor([[10.0, 0.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0]])  # per MoE layer, all-reduced counts
+    model.update_expert_bias(counts, 0.1)
+    b0, b1 = model.blocks[0].ffn.expert_bias, model.blocks[1].ffn.expert_bias
+    assert b0.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0]) and b1.tolist() == [0.0] * 4
+    b0[:] = torch.tensor([-10.0, 10.0, 10.0, -10.0])  # the bias decides selection: experts 1 and 2 only
+    b, _ = docs_batch([12], 16)
+    out = run(model, b)
+    assert out.expert_counts[0, 0] == 0 and out.expert_counts[0, 3] == 0 and out.expert_counts[0, 1:3].sum() == 2 * 12

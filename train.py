@@ -54,7 +54,7 @@ n_embd = 128  # model width
 n_experts = 4  # routed experts per MoE layer
 top_k = 2  # routed experts per token
 n_shared_experts = 1  # always-on experts
-expert_hidden = 0  # hidden size of one expert; 0 derives 4 * n_embd // (top_k + n_shared_experts)
+expert_hidden = 0  # hidden size of one expert; 0 derives 4 * n_embd / (top_k + n_shared_experts), rounded up to 16
 n_dense_layers = 0  # leading trunk blocks with a dense FFN
 n_predict = 4  # multi-token-prediction heads; head k predicts token t + k
 tie_embeddings = True  # share the token embedding and the unembedding
@@ -75,7 +75,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = off
 # schedule
-max_iters = 150  # optimizer steps
+max_iters = 200  # optimizer steps
 warmup_iters = 10  # linear warmup steps
 lr_schedule = "cosine"  # "cosine" (warmup, cosine decay to the floor) or "wsd" (warmup, stable, decay)
 decay_frac = 0.2  # wsd: fraction of max_iters spent in the final linear decay
@@ -96,7 +96,7 @@ seed = 0
 # system
 device = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "float64" for exactness tests
-compile = False  # torch.compile each block: on CPU it costs ~30 s to compile (measured in README)
+compile = torch.cuda.is_available()  # compile each block; off on CPU, where bench.py measured no gain (1.00-1.01x)
 debug_nan_step = -1  # tests: make the loss NaN at this step ...
 debug_nan_rank = 0  # ... on this rank only
 debug_starve_rank = -1  # tests: this rank never routes to the upper half of the experts
@@ -364,7 +364,7 @@ def main(cfg):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def run_micro(batch, need_grad):
+    def run_micro(batch):
         """-> (per-head loss sums, counts, aux loss, expert counts) of one micro-batch."""
         with autocast:
             o = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
@@ -379,7 +379,7 @@ def main(cfg):
                            corpus=loader.corpus)  # a fresh loader: the same held-out rows every time
         acc = torch.zeros(2 * c.n_predict, device=device, dtype=torch.float64)
         for _ in range(c.eval_iters * c.grad_accum_steps):
-            sums, counts, _, _ = run_micro(val.next_batch(), False)
+            sums, counts, _, _ = run_micro(val.next_batch())
             acc += torch.cat([sums.double(), counts.double()])
         all_reduce(acc)
         model.train()
@@ -416,7 +416,7 @@ def main(cfg):
 
     n_moe = sum(1 for i in range(c.n_layer) if i >= c.n_dense_layers)
     t_start, t_last, skips, val_loss, last_saved = time.time(), time.time(), 0, None, step or None
-    tok_since, first_step = 0.0, step
+    tok_since, first_step, last_logged = 0.0, step, step
     while step < c.max_iters:
         lr = lr_at(step, c)
         for g in opt.param_groups:
@@ -429,7 +429,7 @@ def main(cfg):
         for i, batch in enumerate(batches):
             sync = nullcontext() if not ddp or i == c.grad_accum_steps - 1 else model.no_sync()
             with sync:
-                sums, counts, aux, expert_counts = run_micro(batch, True)
+                sums, counts, aux, expert_counts = run_micro(batch)
                 if step == c.debug_nan_step and rank == c.debug_nan_rank:
                     sums = sums * float("nan")
                 micro_loss = (coef * sums).sum() + aux / c.grad_accum_steps
@@ -470,7 +470,7 @@ def main(cfg):
             dt, elapsed = now - t_last, now - t_start
             load = stats[2 * c.n_predict + 3:].view(max(n_moe, 1), -1) if n_moe else torch.ones(1, 1)
             per_head = (head_sums / head_counts.clamp(min=1)).tolist()
-            achieved = flops_per_token * tokens_per_step * c.log_interval / dt if dt > 0 else 0.0
+            achieved = flops_per_token * tokens_per_step * (step - last_logged) / dt if dt > 0 else 0.0
             peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
             rec = dict(step=step, loss=loss.item(), nt_loss=per_head[0],
                        **{f"loss_h{k + 1}": v for k, v in enumerate(per_head)},
@@ -486,7 +486,7 @@ def main(cfg):
                       + (f" ({100 * rec['mfu']:.1f}% MFU)" if peak else "")
                       + f" | load {rec['expert_load']:.2f} | pad {100 * rec['pad_frac']:.2f}% | "
                       f"{elapsed:.0f}s, ETA {rec['eta_s']:.0f}s")
-            t_last, tok_since = now, 0.0
+            t_last, tok_since, last_logged = now, 0.0, step
         stop = stats[2 * c.n_predict + 2].item() > 0
         due = step % c.eval_interval == 0 or step == c.max_iters
         if due:
