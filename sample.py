@@ -109,7 +109,10 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     gen = None if temperature == 0 else (gen or torch.Generator().manual_seed(0))
     dev = next(model.parameters()).device
     cache = KVCache(model, 1, seq_len + n)
-    hidden = decode(model, torch.tensor([prompt], device=dev), cache)[:, 0, -1]  # (n_predict, D) at the last position
+    heads = n if speculative else 1  # plain decoding needs head 1 only
+    # logits of the heads at the last position; the unembedding is the costliest read of a small model,
+    # so each forward computes every logit it may need in one matmul
+    logits = model.logits(decode(model, torch.tensor([prompt], device=dev), cache)[:heads, 0, -1])
     out, forwards, t0 = [], 1, time.time()
 
     def emit(tok):
@@ -120,21 +123,20 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
 
     forced = None  # after a rejected draft (sampling): the token drawn from the residual distribution
     while True:
-        heads = hidden if speculative else hidden[:1]  # plain decoding needs head 1 only
-        q = dist(model.logits(heads))  # (n_predict, V): head 1's next token, heads 2..n's drafts after it
+        q = dist(logits)  # (heads, V): head 1's next token, heads 2..n's drafts of the tokens after it
         nxt = forced if forced is not None else int(pick(q[0], gen))
         forced = None
         if emit(nxt):
             break
-        if not speculative or n == 1:
-            hidden = decode(model, torch.tensor([[nxt]], device=dev), cache)[:, 0, -1]
+        if heads == 1:
+            logits = model.logits(decode(model, torch.tensor([[nxt]], device=dev), cache)[:1, 0, -1])
             forwards += 1
             continue
         drafts = [int(pick(q[k], gen)) for k in range(1, n)][:budget - len(out)]
         start = cache.pos
-        h = decode(model, torch.tensor([[nxt] + drafts], device=dev), cache)[:, 0]  # (n_predict, 1 + d, D)
+        all_logits = model.logits(decode(model, torch.tensor([[nxt] + drafts], device=dev), cache)[:, 0])  # (n, 1+d, V)
         forwards += 1
-        p = dist(model.logits(h[0]))  # p[i]: head 1 after fed position i, the judge of drafts[i]
+        p = dist(all_logits[0])  # p[i]: head 1 after fed position i, the judge of drafts[i]
         kept, stop = 0, False
         for i, d in enumerate(drafts):
             if temperature == 0:
@@ -153,7 +155,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         if stop:
             break
         cache.pos = start + 1 + kept  # drop the cache entries of rejected drafts
-        hidden = h[:, kept]  # the heads at the last kept position draft again
+        logits = all_logits[:, kept]  # the heads at the last kept position draft again
     dt = time.time() - t0
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),
                      tokens_per_forward=len(out) / forwards)
