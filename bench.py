@@ -119,18 +119,20 @@ print(int(hwm) * 1024, t)
 """
 
 
-def loss_memory():
+def loss_memory(reps=3):
     """Peak memory of a training step (forward, loss, backward) with 1 and 4 heads, fused vs materialized:
-    peak RSS (VmHWM) of a fresh process, and that minus the same process stopped before the step."""
+    peak RSS (VmHWM) of a fresh process, and that minus the same process stopped before the step.
+    Medians of `reps` processes: the allocator makes single readings vary by about 5%."""
     out = {}
     for n_predict in (1, 4):
-        run = lambda fused, mode: subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n_predict), fused, mode],
-                                                 capture_output=True, text=True, check=True).stdout.split()
-        base = int(run("fused", "idle")[0])
+        def run(fused, mode):
+            rows = [subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n_predict), fused, mode], capture_output=True,
+                                   text=True, check=True).stdout.split() for _ in range(1 if QUICK else reps)]
+            return statistics.median(int(r[0]) for r in rows), statistics.median(float(r[1]) for r in rows)
+        base = run("fused", "idle")[0]
         for fused in ("fused", "materialized"):
             rss, sec = run(fused, "run")
-            out[f"{n_predict}_heads_{fused}"] = dict(peak_gib=int(rss) / 2**30, step_gib=(int(rss) - base) / 2**30,
-                                                     seconds=float(sec))
+            out[f"{n_predict}_heads_{fused}"] = dict(peak_gib=rss / 2**30, step_gib=(rss - base) / 2**30, seconds=sec)
     return out
 
 

@@ -76,7 +76,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_sums_K):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_sums_K.to(grad_h.dtype)[:, None, None]
-        dw = torch.einsum("k,kvd->vd", grad_sums_K.to(grad_w.dtype), grad_w).to(ctx.w_dtype) if grad_w.shape[0] else None
+        dw = None
+        if grad_w.shape[0]:  # sum_k g_k * grad_w[k] as one (1, K) @ (K, V*D) product: no (K, V, D) temporary
+            dw = (grad_sums_K.to(grad_w.dtype)[None] @ grad_w.flatten(1)).view(grad_w.shape[1:]).to(ctx.w_dtype)
         return dh, dw, None, None, None
 
 
