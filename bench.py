@@ -78,10 +78,12 @@ def train_step_bench(cfg, batch_size, compiled, loader):
     def step():
         b = {k: v.to(DEV) for k, v in batches[i[0] % 3].items()}
         i[0] += 1
+        tgt = mtp_targets(b["input_ids"], b["doc_ids"], cfg.n_predict)
+        coef = 1.0 / (tgt != -100).sum((1, 2)).clamp(min=1).float()  # as train.py: known before the forward
         with ac:
             out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
-            sums, counts = mtp_loss(out.hidden, model.lm_head.weight, mtp_targets(b["input_ids"], b["doc_ids"], cfg.n_predict))
-        ((sums / counts.clamp(min=1)).sum() + out.aux_loss).backward()
+            sums, counts = mtp_loss(out.hidden, model.lm_head.weight, tgt, grad_scale=coef)
+        ((coef * sums).sum() + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -107,10 +109,14 @@ t = 0.0
 if run:
     for _ in range(2):
         t0 = time.perf_counter()
+        tgt = mtp_targets(b["input_ids"], b["doc_ids"], n_predict)
+        coef = 1.0 / (tgt != -100).sum((1, 2)).double()  # as train.py: known before the forward
         out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
-        fn = mtp_loss if fused else mtp_loss_reference
-        sums, counts = fn(out.hidden, model.lm_head.weight, mtp_targets(b["input_ids"], b["doc_ids"], n_predict))
-        ((sums / counts).sum() + out.aux_loss).backward()
+        if fused:
+            sums, counts = mtp_loss(out.hidden, model.lm_head.weight, tgt, grad_scale=coef)
+        else:
+            sums, counts = mtp_loss_reference(out.hidden, model.lm_head.weight, tgt)
+        ((coef * sums).sum() + out.aux_loss).backward()
         model.zero_grad(set_to_none=False)
         t = time.perf_counter() - t0
 # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak

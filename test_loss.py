@@ -82,6 +82,20 @@ def test_chunked_equals_materialized(seed, chunk_rows):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_grad_scale_keeps_one_weight_gradient_and_checks_it():
+    h, w, tgt = random_case(5)
+    scale = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)  # a zero weight too (a head without targets)
+    ref = torch.autograd.grad((scale * mtp_loss_reference(h, w, tgt)[0]).sum(), (h, w))
+    for factor in (1.0, 3.0):  # the loss may weigh the heads by any multiple of grad_scale
+        sums, _ = mtp_loss(h, w, tgt, chunk_rows=4, grad_scale=scale)
+        got = torch.autograd.grad((factor * scale * sums).sum(), (h, w))
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, factor * b, rtol=1e-12, atol=1e-12)
+    sums, _ = mtp_loss(h, w, tgt, grad_scale=scale)
+    with pytest.raises(ValueError, match="not proportional"):  # weighing the heads otherwise is refused
+        torch.autograd.grad(sums.sum(), (h, w))
+
+
 def test_negative_control_ignoring_the_mask_differs():
     # the original bug: targets from a plain shift, padding and document boundaries included
     h, w, tgt = random_case(0)

@@ -364,12 +364,13 @@ def main(cfg):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def run_micro(batch):
-        """-> (per-head loss sums, counts, aux loss, expert counts) of one micro-batch."""
+    def run_micro(batch, coef=None):
+        """-> (per-head loss sums, counts, aux loss, expert counts) of one micro-batch. coef: the per-head
+        factors of the backward, so the loss keeps one weight-gradient buffer, not one per head."""
         with autocast:
             o = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
             targets = mtp_targets(batch["input_ids"], batch["doc_ids"], c.n_predict)
-            sums, counts = mtp_loss(o.hidden, raw_model.lm_head.weight, targets)
+            sums, counts = mtp_loss(o.hidden, raw_model.lm_head.weight, targets, grad_scale=coef)
         return sums, counts, o.aux_loss, o.expert_counts
 
     @torch.no_grad()
@@ -429,7 +430,7 @@ def main(cfg):
         for i, batch in enumerate(batches):
             sync = nullcontext() if not ddp or i == c.grad_accum_steps - 1 else model.no_sync()
             with sync:
-                sums, counts, aux, expert_counts = run_micro(batch)
+                sums, counts, aux, expert_counts = run_micro(batch, coef)
                 if step == c.debug_nan_step and rank == c.debug_nan_rank:
                     sums = sums * float("nan")
                 micro_loss = (coef * sums).sum() + aux / c.grad_accum_steps
