@@ -394,9 +394,33 @@ def packing_report(seq_lens=(256, 512, 1024), source=None):
     return out
 
 
-if __name__ == "__main__":
+def ngram_baselines(corpus, val_fraction=0.01):
+    """Next-token cross-entropy (nats) of the validation split under unigram and interpolated bigram models
+    counted on the training split (add-one smoothing): the bars a language model must clear."""
+    def targets(docs):  # (previous, next) pairs inside documents: what head 1 is asked to predict
+        prev, nxt = [], []
+        for d in docs:
+            toks = corpus.arrays[corpus.src[d]][corpus.start[d]:corpus.start[d] + corpus.length[d]].astype(np.int64)
+            prev.append(toks[:-1])
+            nxt.append(toks[1:])
+        return np.concatenate(prev), np.concatenate(nxt)
+    (tp, tn), (vp, vn) = targets(corpus.split("train", val_fraction)), targets(corpus.split("val", val_fraction))
+    uni = (np.bincount(tn, minlength=GPT2_VOCAB) + 1.0) / (len(tn) + GPT2_VOCAB)
+    pairs, counts = np.unique(tp * GPT2_VOCAB + tn, return_counts=True)
+    ctx = np.bincount(tp, minlength=GPT2_VOCAB)
+    i = np.clip(np.searchsorted(pairs, vp * GPT2_VOCAB + vn), 0, len(pairs) - 1)
+    c_pair = np.where(pairs[i] == vp * GPT2_VOCAB + vn, counts[i], 0)
+    p_bi = c_pair / np.maximum(ctx[vp], 1)
+    bigram = min(-np.mean(np.log(lam * p_bi + (1 - lam) * uni[vn])) for lam in np.linspace(0.05, 0.95, 19))
+    return dict(unigram=float(-np.mean(np.log(uni[vn]))), bigram=float(bigram), val_targets=len(vn))
+
+
+if __name__ == "__main__":  # python data.py: prepare the default corpus and report on it
     t0 = time.time()
     loader = PackedLoader(batch_size=16, seq_len=1024)
     print(f"corpus: {loader.corpus.summary} ({time.time() - t0:.1f}s)")
     for T, r in packing_report().items():
-        print(f"seq_len {T}: real-token fraction packed {r['packed']:.4f}, one document per row {r['padded']:.4f}")
+        print(f"seq_len {T}: real-token fraction packed {r['packed']:.4f}, one document chunk per row {r['padded']:.4f}")
+    b = ngram_baselines(loader.corpus)
+    print(f"validation next-token loss of n-gram baselines counted on the training split ({b['val_targets']} targets): "
+          f"unigram {b['unigram']:.3f} nats, interpolated bigram {b['bigram']:.3f} nats")
