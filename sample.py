@@ -163,9 +163,11 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
 
 def load_model(out_dir, ckpt, device):
     path, state = find_resume(out_dir, ckpt)
-    mcfg = ModelConfig(**{k: state["config"][k] for k in MODEL_FIELDS if k in state["config"]})
-    model = Model(mcfg)
-    model.load_state_dict(state["model"])
+    try:
+        model = Model(ModelConfig(**{k: state["config"][k] for k in MODEL_FIELDS if k in state["config"]}))
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path}: not a model checkpoint of this train.py ({type(e).__name__}: {e})")
     return model.to(device).eval(), path, state["step"]
 
 

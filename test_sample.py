@@ -121,3 +121,10 @@ def test_cli_end_to_end(trained_dir):
     assert r.returncode == 2 and "the model's context is seq_len=64" in r.stderr
     r = sample_cli(f"--out_dir={trained_dir / 'nothing'}")
     assert r.returncode == 2 and "no good checkpoint" in r.stderr
+
+
+def test_cli_incompatible_checkpoint(tmp_path):
+    import train
+    train.save_checkpoint(tmp_path, 1, dict(model={"w": torch.zeros(3)}, step=1, config={"n_embd": 8}), None, keep=1)
+    r = sample_cli(f"--out_dir={tmp_path}")
+    assert r.returncode == 2 and "not a model checkpoint of this train.py" in r.stderr
