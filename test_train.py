@@ -254,3 +254,19 @@ def test_overrides_are_typed():
         train.parse_config(["--n_embd=big"])
     with pytest.raises(ValueError, match="expected --name=value"):
         train.parse_config(["n_embd=3"])
+
+
+def test_gpu_preset_parses_and_trains_on_shards(tmp_path):
+    # the preset's file format and the shard path end to end, shrunk to CPU size by later overrides
+    from data import EOT, write_shard
+    rng = torch.Generator().manual_seed(0)
+    docs = [[EOT] + torch.randint(0, 50000, (int(n),), generator=rng).tolist() for n in torch.randint(5, 200, (300,))]
+    write_shard(tmp_path / "fineweb_train_000001.bin", [t for d in docs for t in d])
+    cfg = train.parse_config(["--config=configs/gpt2_small_moe.conf"])
+    assert cfg["n_embd"] == 768 and cfg["seq_len"] == 1024 and cfg["data"].endswith("*.bin")
+    train_run(tmp_path / "out", "--config=configs/gpt2_small_moe.conf", f"--data={tmp_path}/fineweb_train_*.bin",
+              "--val_fraction=0.05", "--n_layer=1", "--n_head=2", "--n_embd=32", "--seq_len=64", "--batch_size=2",
+              "--grad_accum_steps=1", "--max_iters=2", "--warmup_iters=1", "--compile=False", "--eval_iters=1",
+              "--log_interval=1",
+              f"--out_dir={tmp_path / 'out'}")
+    assert [r["step"] for r in metrics(tmp_path / "out") if "loss" in r] == [1, 2]
