@@ -384,10 +384,9 @@ class PackedLoader:
 
 def packing_report(seq_lens=(256, 512, 1024), source=None):
     """Fraction of real tokens, packed vs one document (chunk) per padded row, over one epoch of the train split."""
-    loader = PackedLoader(source, seq_len=2)
-    out = {}
+    corpus, out = Corpus(source, quiet=True), {}
     for T in seq_lens:
-        loader.T, loader._epoch_chunks, loader._window_rows = T, None, None
+        loader = PackedLoader(seq_len=T, corpus=corpus)
         _, _, length = loader._chunks(0)
         n_rows = sum(len(loader._rows(0, w)) for w in range(-(-len(length) // PACK_WINDOW)))
         out[T] = dict(packed=length.sum() / (n_rows * T), padded=length.sum() / (len(length) * T))
