@@ -240,10 +240,10 @@ class Corpus:
             raise ValueError(f"{self.source}: {n} document(s); a train/val split needs at least 2")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction {val_fraction}, expected 0 < val_fraction < 1")
-        n_val = min(n - 1, max(1, round(n * val_fraction)))
-        perm = np.random.default_rng(20240520).permutation(n)
         if split not in ("train", "val"):
             raise ValueError(f"split {split!r}, expected 'train' or 'val'")
+        n_val = min(n - 1, max(1, round(n * val_fraction)))
+        perm = np.random.default_rng(20240520).permutation(n)
         return np.sort(perm[n_val:] if split == "train" else perm[:n_val])
 
 

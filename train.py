@@ -464,7 +464,7 @@ def main(cfg):
                 raw_model.update_expert_bias(stats[2 * c.n_predict + 3:].view(n_moe, c.n_experts), c.bias_update_rate)
         opt.zero_grad(set_to_none=True)
         step += 1
-        tok_since += stats[2 * c.n_predict + 1].item()
+        tok_since += stats[2 * c.n_predict + 1]  # a tensor: read at log time, no extra sync per step
 
         if step % c.log_interval == 0 or step == c.max_iters:
             now = time.time()
@@ -476,7 +476,7 @@ def main(cfg):
             rec = dict(step=step, loss=loss.item(), nt_loss=per_head[0],
                        **{f"loss_h{k + 1}": v for k, v in enumerate(per_head)},
                        aux_loss=stats[2 * c.n_predict].item(), grad_norm=grad_norm.item(), lr=lr,
-                       tokens_per_s=tok_since / dt, pad_frac=1 - stats[2 * c.n_predict + 1].item() / (tokens_per_step),
+                       tokens_per_s=float(tok_since) / dt, pad_frac=1 - stats[2 * c.n_predict + 1].item() / (tokens_per_step),
                        flops_per_s=achieved, mfu=achieved / peak if peak else None,
                        expert_load=(load.max(1).values / load.mean(1).clamp(min=1)).max().item(),
                        elapsed_s=elapsed, eta_s=elapsed / step * (c.max_iters - step) if step else None)
