@@ -7,24 +7,38 @@ Every mask of this project is born here. A batch is a dict of (B, T) tensors (se
     doc_ids        int32  0, 1, 2, ... per segment in row order; -1 for padding
     position_ids   int64  position inside its segment, restarting at 0; 0 for padding
 
-A document is [EOT] + tokens (EOT acts as beginning-of-document, as in the llm.c / modded-nanogpt
-FineWeb shards). A document longer than T is cut into chunks of at most T, each its own segment.
-Chunks are packed into rows with best-fit decreasing inside windows of `PACK_WINDOW` chunks:
-padding only at row tails, every token of the split exactly once per epoch.
+A document is [EOT] + tokens + [EOT]. The leading EOT begins it, as in the llm.c / modded-nanogpt FineWeb
+shards; the trailing EOT ends it and is a real target, so a model learns where a text stops. Neither the
+token cache nor a shard stores it twice: it is the next document's leading EOT read once more, or, after the
+last document of the cache or of a shard, an EOT appended when reading (`Corpus.tokens`, the one path every
+reader takes). A document longer than T is cut into chunks of at most T, each its own segment; its last
+chunk carries the trailing EOT. Chunks are packed into rows with best-fit decreasing inside windows of
+`PACK_WINDOW` chunks: padding only at row tails, every token of the split exactly once per epoch.
 
 The global stream of rows depends only on (corpus, split, seq_len, seed): rank r of W takes global
 rows r, r+W, r+2W, ..., so the global batch is the same whatever the world size or accumulation.
+
+Sources: None is the Python standard library (one document per .py file). A string that names an existing
+path is that path: a folder is its text files, recursively, one document per file; a .bin file is one shard;
+a .jsonl file is one document per line's "text"; any other file is one text cut into documents at blank
+lines (`split_text`). Anything else is a glob: all matches .bin shards, or all text files (one document per
+file). Suffixes are case-insensitive. `Corpus.fingerprint` names the data itself, not its path, so a resume
+can refuse data that changed under the same path.
 """
 import base64
+import errno
 import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import sysconfig
 import time
 from bisect import bisect_left
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,9 +55,10 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".py", ".text", ".tex", ".c", ".h", ".js", ".html"}
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
-CACHE_VERSION = 1  # bump when the cache layout changes: old caches are then rebuilt
+CACHE_VERSION = 2  # bump when the cache changes: old caches are then rebuilt (2: meta.json holds the fingerprint)
 PACK_WINDOW = 8192  # chunks packed together; larger packs tighter, costs more per window
 DEFAULT_CACHE = Path(__file__).with_name("data_cache")
+MIN_DOC_CHARS = 2000  # a single text file is cut into documents of at least this many characters (split_text)
 
 
 @lru_cache(maxsize=None)
@@ -102,7 +117,8 @@ def read_shard(path, vocab_size=GPT2_VOCAB):
 # ----------------------------------------------------------------------------- text sources
 
 def resolve_source(source):
-    """-> (kind, paths). kind is 'shards', 'jsonl' or 'text' (one document per file)."""
+    """-> (kind, paths). kind is 'shards', 'jsonl', 'text' (one document per file) or 'textfile' (one file cut
+    into documents at blank lines). An existing path wins over a glob, so a folder named 'run[1]' is a folder."""
     if source is None:  # the Python standard library of the running interpreter
         root = Path(sysconfig.get_paths()["stdlib"])
         paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
@@ -110,20 +126,41 @@ def resolve_source(source):
             raise ValueError(f"default corpus: no .py files under {root}")
         return "text", paths
     source = str(source)
-    if any(c in source for c in "*?[") or source.endswith(".bin"):
-        paths = sorted(Path(p) for p in glob.glob(source))
-        if not paths:
-            raise ValueError(f"{source}: no shard matches this path or glob")
-        return "shards", paths
+    if not source.strip():  # Path("") is the current folder: never what was meant
+        raise ValueError(f"data={source!r}: expected a path, a glob of shards or text files, "
+                         "or None for the default corpus")
     path = Path(source)
-    if not path.exists():
-        raise ValueError(f"{source}: no such file or directory")
     if path.is_dir():
         paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not paths:
-            raise ValueError(f"{source}: directory holds no text files (suffixes {sorted(TEXT_SUFFIXES)})")
+            hint = f"; shards are given as a glob, e.g. {path / '*.bin'}" if any(path.rglob("*.[bB][iI][nN]")) else ""
+            raise ValueError(f"{source}: directory holds no text files (suffixes {sorted(TEXT_SUFFIXES)}){hint}")
         return "text", paths
-    return ("jsonl" if path.suffix == ".jsonl" else "text"), [path]
+    if path.is_file():
+        return {".bin": "shards", ".jsonl": "jsonl"}.get(path.suffix.lower(), "textfile"), [path]
+    paths = sorted(Path(p) for p in glob.glob(source, recursive=True))
+    if not paths:
+        raise ValueError(f"{source}: " + ("no file matches this glob" if any(c in source for c in "*?[")
+                                          else "no such file or directory"))
+    found = Counter((p.suffix.lower() or "no suffix") if p.is_file() else "folder" for p in paths)
+    if set(found) == {".bin"}:
+        return "shards", paths
+    if set(found) <= TEXT_SUFFIXES:
+        return "text", paths
+    raise ValueError(f"{source}: the glob matches {dict(sorted(found.items()))}; expected only .bin shards "
+                     f"or only text files ({' '.join(sorted(TEXT_SUFFIXES))})")
+
+
+def split_text(text):
+    """Cut one text into documents: a document ends at the first paragraph break (a newline followed by lines
+    holding only whitespace) at which it holds at least MIN_DOC_CHARS characters; the last one holds what is
+    left and may be shorter. Every character lands in exactly one document, in order."""
+    docs, start = [], 0
+    for m in re.finditer(r"\n(?:[^\S\n]*\n)+", text):
+        if m.end() - start >= MIN_DOC_CHARS and m.end() < len(text):
+            docs.append(text[start:m.end()])
+            start = m.end()
+    return docs + [text[start:]]
 
 
 def _iter_texts(kind, paths):
@@ -131,6 +168,19 @@ def _iter_texts(kind, paths):
     for path in paths:
         if kind == "text":
             yield path.read_bytes(), str(path)
+            continue
+        if kind == "textfile":
+            raw = path.read_bytes()
+            # surrogateescape: bad UTF-8 survives the cut byte for byte and is counted per document later
+            docs = split_text(raw.decode("utf-8", "surrogateescape"))
+            n = sum(1 for d in docs if d.strip())
+            if n < 2:
+                raise ValueError(f"{path}: {len(raw)} bytes give {n} document(s); a single text file is cut at blank "
+                                 f"lines into documents of at least {MIN_DOC_CHARS} characters and a train/val "
+                                 f"split needs 2: give more than {MIN_DOC_CHARS} characters with a blank line "
+                                 f"after the first {MIN_DOC_CHARS}, or a folder of files")
+            for i, d in enumerate(docs):
+                yield d.encode("utf-8", "surrogateescape"), f"{path} document {i}"
             continue
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -145,19 +195,63 @@ def _iter_texts(kind, paths):
                 yield text.encode("utf-8", "surrogatepass"), f"{path}:{lineno}"
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
 def _build_cache(kind, paths, out_dir, quiet):
-    """Tokenize every document once into out_dir/tokens.u16 + offsets.npy (+ meta.json)."""
+    """Build out_dir atomically: in a .tmp-<name>-<host>-<pid> folder, renamed when complete. Any failure
+    (a bad file, KeyboardInterrupt, disk full) removes that folder; one left by a build killed with kill -9
+    is removed by the next build here once its pid is gone (only on this host: pids of others mean nothing)."""
+    host = socket.gethostname()
+    for stale in out_dir.parent.glob(".tmp-*"):
+        prefix, _, pid = stale.name.rpartition("-")
+        if prefix.endswith(f"-{host}") and pid.isdecimal() and int(pid) > 0 and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{host}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        meta = _tokenize(kind, paths, tmp, quiet)
+        try:
+            os.replace(tmp, out_dir)  # atomic: an interrupted build never leaves a usable-looking cache
+        except OSError:
+            if not (out_dir / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while building the token cache {out_dir} (2 bytes per "
+                                        "token); free space there or set cache_dir to another disk") from e
+        raise
+    if not quiet:
+        print(f"\rprepared {out_dir}: {json.dumps(meta)}", file=sys.stderr)
+
+
+def _tokenize(kind, paths, tmp, quiet):
+    """Tokenize every document once into tmp/tokens.u16 ([EOT] + ids per document) + offsets.npy + meta.json
+    -> meta. The fingerprint hashes what the loader reads (tokens, offsets) and the file names relative to
+    their common folder, so copying the files elsewhere keeps it and adding an (even empty) file changes it."""
     enc = get_tokenizer()
     total_bytes = sum(p.stat().st_size for p in paths)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    root = os.path.commonpath([str(p.resolve().parent) for p in paths])
+    fingerprint = hashlib.sha256(json.dumps([RANKS_SHA256, GPT2_PATTERN, kind, [
+        os.path.relpath(p.resolve(), root) for p in paths]]).encode())
     offsets, n_tokens, done_bytes, n_empty, n_bad_utf8, t0, last = [0], 0, 0, 0, 0, time.time(), 0.0
 
     def flush(texts, f):
         nonlocal n_tokens
         for ids in enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1):
-            np.asarray([EOT] + ids, dtype=np.uint16).tofile(f)
+            buf = np.asarray([EOT] + ids, dtype=np.uint16).tobytes()
+            f.write(buf)
+            fingerprint.update(buf)
             n_tokens += len(ids) + 1
             offsets.append(n_tokens)
 
@@ -186,22 +280,36 @@ def _build_cache(kind, paths, out_dir, quiet):
         f.flush()
         os.fsync(f.fileno())
     if len(offsets) == 1:
-        shutil.rmtree(tmp)
         raise ValueError(f"{paths[0] if len(paths) == 1 else paths[0].parent}: no non-empty document found")
-    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    meta = dict(docs=len(offsets) - 1, tokens=n_tokens, empty_skipped=n_empty, non_utf8_replaced=n_bad_utf8,
-                megabytes=round(done_bytes / 1e6, 2), seconds=round(time.time() - t0, 2))
+    offsets = np.asarray(offsets, dtype=np.int64)
+    np.save(tmp / "offsets.npy", offsets)
+    fingerprint.update(offsets.tobytes())
+    # tokens: what the loader reads in one epoch, each document's trailing EOT included
+    meta = dict(docs=len(offsets) - 1, tokens=n_tokens + len(offsets) - 1, empty_skipped=n_empty,
+                non_utf8_replaced=n_bad_utf8, megabytes=round(done_bytes / 1e6, 2),
+                seconds=round(time.time() - t0, 2), fingerprint=fingerprint.hexdigest()[:16])
     (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
-    try:
-        os.replace(tmp, out_dir)  # atomic: an interrupted build never leaves a usable-looking cache
-    except OSError:  # another process finished the same cache first
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not quiet:
-        print(f"\rprepared {out_dir}: {json.dumps(meta)}", file=sys.stderr)
+    return meta
+
+
+def _shard_fingerprint(paths):
+    """Hashing every byte of many GB of shards at each start is too slow, so this hashes the sorted file names,
+    their sizes, and the first and last MiB of each shard: an edit inside a shard that keeps its size and
+    spares both ends goes unnoticed."""
+    h = hashlib.sha256(b"shards")
+    for path in sorted(paths, key=lambda p: p.name):
+        size = path.stat().st_size
+        h.update(json.dumps([path.name, size]).encode())
+        with open(path, "rb") as f:
+            h.update(f.read(2**20))
+            f.seek(max(0, size - 2**20))
+            h.update(f.read(2**20))
+    return h.hexdigest()[:16]
 
 
 class Corpus:
-    """Documents as slices of token arrays: doc i = arrays[src[i]][start[i] : start[i] + length[i]]."""
+    """Documents as slices of token arrays: doc i is arrays[src[i]][start[i] : start[i] + length[i]], read
+    through `tokens(i)`, which appends the trailing EOT where that slice runs one past the array's end."""
 
     def __init__(self, source=None, cache_dir=None, quiet=False):
         kind, paths = resolve_source(source)
@@ -216,9 +324,11 @@ class Corpus:
                 self.arrays.append(tokens)
                 src.append(np.full(len(starts), i, dtype=np.int32))
                 start.append(starts)
-                length.append(np.diff(np.append(starts, len(tokens))))
+                length.append(np.diff(np.append(starts, len(tokens))) + 1)  # + the next document's EOT
             self.src, self.start, self.length = (np.concatenate(a).astype(np.int64) for a in (src, start, length))
-            self.summary = dict(docs=len(self.start), tokens=int(self.length.sum()), shards=len(paths))
+            self.fingerprint = _shard_fingerprint(paths)
+            self.summary = dict(docs=len(self.start), tokens=int(self.length.sum()), shards=len(paths),
+                                fingerprint=self.fingerprint)
             return
         key = hashlib.sha256(json.dumps([CACHE_VERSION, RANKS_SHA256, kind, [
             (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]]).encode()).hexdigest()
@@ -229,9 +339,19 @@ class Corpus:
         offsets = np.load(out / "offsets.npy")
         self.arrays = [np.memmap(out / "tokens.u16", dtype=np.uint16, mode="r")]
         self.src = np.zeros(len(offsets) - 1, dtype=np.int64)
-        self.start, self.length = offsets[:-1], np.diff(offsets)
+        self.start, self.length = offsets[:-1], np.diff(offsets) + 1  # + the next document's EOT
         self.summary = json.loads((out / "meta.json").read_text())
+        self.fingerprint = self.summary["fingerprint"]
         self.cache_path = out
+
+    def tokens(self, doc, offset=0, n=None):
+        """Tokens [offset, offset + n) of document doc (to its end by default): what every reader reads."""
+        array = self.arrays[self.src[doc]]
+        lo = self.start[doc] + offset
+        hi = lo + (self.length[doc] - offset if n is None else n)
+        if hi <= len(array):
+            return array[lo:hi]
+        return np.append(array[lo:hi], np.uint16(EOT))  # the last document's trailing EOT is not stored
 
     def split(self, split, val_fraction):
         """Document indices of a split. Deterministic and independent of the training seed."""
@@ -298,7 +418,8 @@ def rows_to_batch(rows, seq_len):
 
 
 def pack(docs, seq_len):
-    """Pack token lists (each already starting with EOT) into rows of seq_len -> batch dict. Every token once."""
+    """Pack token lists into rows of seq_len -> batch dict. Every token once, nothing added: callers pass full
+    documents, [EOT] + tokens + [EOT]."""
     if seq_len < 2:
         raise ValueError(f"seq_len {seq_len}, expected >= 2")
     docs = [np.asarray(d, dtype=np.int64) for d in docs]
@@ -366,7 +487,7 @@ class PackedLoader:
     def next_batch(self):
         mine = self._next_rows(self.B * self.W)[self.rank::self.W]
         c = self.corpus
-        rows = [[c.arrays[c.src[d]][c.start[d] + o:c.start[d] + o + n] for d, o, n in segs] for segs in mine]
+        rows = [[c.tokens(d, o, n) for d, o, n in segs] for segs in mine]
         batch = rows_to_batch(rows, self.T)
         if self.device.type == "cuda":
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -399,7 +520,7 @@ def ngram_baselines(corpus, val_fraction=0.01):
     def targets(docs):  # (previous, next) pairs inside documents: what head 1 is asked to predict
         prev, nxt = [], []
         for d in docs:
-            toks = corpus.arrays[corpus.src[d]][corpus.start[d]:corpus.start[d] + corpus.length[d]].astype(np.int64)
+            toks = corpus.tokens(d).astype(np.int64)  # its trailing EOT is a target too
             prev.append(toks[:-1])
             nxt.append(toks[1:])
         return np.concatenate(prev), np.concatenate(nxt)

@@ -1,8 +1,11 @@
 """Tests of data.py: the offline tokenizer, packing invariants, shards, the token cache, the loader's
 resume and world-size invariance, and every bad input named in the issue."""
+import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
 from collections import Counter
 
 import numpy as np
@@ -101,8 +104,73 @@ def test_text_dir_summary_and_cache(text_dir, tmp_path):
     again = data.Corpus(text_dir, cache_dir=tmp_path, quiet=True)  # reused, not rebuilt
     assert again.cache_path == corpus.cache_path and (again.cache_path / "tokens.u16").stat().st_mtime_ns == stamp
     enc = get_tokenizer()
-    first = corpus.arrays[0][corpus.start[0]:corpus.start[0] + corpus.length[0]]
-    assert first.tolist() == [EOT] + enc.encode_ordinary((text_dir / "doc00.txt").read_text())
+    assert corpus.tokens(0).tolist() == [EOT] + enc.encode_ordinary((text_dir / "doc00.txt").read_text()) + [EOT]
+
+
+def test_text_cache_documents_end_with_eot(text_dir, tmp_path):
+    corpus = data.Corpus(text_dir, cache_dir=tmp_path, quiet=True)
+    enc, n = get_tokenizer(), corpus.summary["docs"]
+    docs = [corpus.tokens(d).tolist() for d in range(n)]
+    assert all(d[0] == EOT and d[-1] == EOT and EOT not in d[1:-1] for d in docs)
+    # the last document's trailing EOT is appended (the cache stores [EOT] + ids per document)
+    last = (text_dir / "latin1.md").read_bytes().decode("utf-8", errors="replace")  # sorted last
+    assert docs[-1] == [EOT] + enc.encode_ordinary(last) + [EOT]
+    assert corpus.summary["tokens"] == corpus.length.sum() == sum(map(len, docs))
+    # a long document cut into chunks: concatenated they are the document, and only the last ends with EOT
+    d = int(np.argmax(corpus.length))
+    _, off, length = data.chunk(corpus.length[d:d + 1], 16)
+    chunks = [corpus.tokens(d, o, k).tolist() for o, k in zip(off, length)]
+    assert len(chunks) > 3 and sum(chunks, []) == docs[d]
+    assert chunks[-1][-1] == EOT and all(c[-1] != EOT for c in chunks[:-1])
+
+
+def segments(batch):
+    """The token lists of a batch's segments, row by row."""
+    ids, doc = batch["input_ids"], batch["doc_ids"]
+    return [ids[b][doc[b] == d].tolist() for b in range(len(ids)) for d in range(int(doc[b].max()) + 1)]
+
+
+def epoch_segments(loader):
+    """The segments of the loader's rows until its epoch ends (batch_size 1: no row of the next epoch)."""
+    assert loader.B == 1
+    out, epoch = [], loader.epoch
+    while loader.epoch == epoch:
+        out += segments(loader.next_batch())
+    return out
+
+
+def test_long_document_last_chunk_from_the_loader_ends_with_eot(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    texts = ["a long document: " + " ".join(f"word{i}" for i in range(100)), "short one", "two", "three", "four"]
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    T = 16
+    segs = []
+    for split in ("train", "val"):
+        segs += epoch_segments(PackedLoader(p, split, batch_size=1, seq_len=T, val_fraction=0.2,
+                                            cache_dir=tmp_path / "c", quiet=True))
+    enc = get_tokenizer()
+    docs = [[EOT] + enc.encode_ordinary(t) + [EOT] for t in texts]
+    n = len(docs[0])
+    assert n > 4 * T and Counter(t for s in segs for t in s) == Counter(t for d in docs for t in d)
+    assert docs[0][(n - 1) // T * T:] in segs  # the long document's last chunk, ending with its EOT
+    # every document's last chunk ends with its EOT; no other chunk does (the texts hold no EOT)
+    assert sum(s[-1] == EOT for s in segs) == len(docs)
+
+
+def test_shard_documents_come_out_as_eot_tokens_eot(tmp_path):
+    # shard 0 starts with EOT; shard 1 does not: its first tokens are a document with no leading EOT, ended
+    # by the first EOT. The last document of each shard gets its trailing EOT appended.
+    write_shard(tmp_path / "s_000.bin", [EOT, 1, 2, EOT, 3, 4, 5])
+    write_shard(tmp_path / "s_001.bin", [7, 8, EOT, 9])
+    expected = [[EOT, 1, 2, EOT], [EOT, 3, 4, 5, EOT], [7, 8, EOT], [EOT, 9, EOT]]
+    corpus = data.Corpus(str(tmp_path / "s_*.bin"))
+    assert sorted(corpus.tokens(d).tolist() for d in range(4)) == sorted(expected)
+    assert corpus.length.tolist() == [4, 5, 3, 3] and corpus.summary["tokens"] == 15
+    segs = []
+    for split in ("train", "val"):
+        loader = PackedLoader(split=split, batch_size=1, seq_len=8, val_fraction=0.25, corpus=corpus)
+        segs += epoch_segments(loader)
+    assert sorted(segs) == sorted(expected)
 
 
 def test_cache_rebuilt_on_change_and_never_half_written(text_dir, tmp_path, monkeypatch):
@@ -123,7 +191,7 @@ def test_cache_rebuilt_on_change_and_never_half_written(text_dir, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         data.Corpus(d, cache_dir=tmp_path / "cache", quiet=True)
     monkeypatch.undo()
-    assert calls and not any((p / "meta.json").exists() and p.name.startswith(".tmp") for p in (tmp_path / "cache").iterdir())
+    assert calls and not list((tmp_path / "cache").glob(".tmp-*"))
     third = data.Corpus(d, cache_dir=tmp_path / "cache", quiet=True)
     assert third.summary["docs"] == 31
 
@@ -151,8 +219,7 @@ def test_shards_round_trip_and_loader(tmp_path):
     assert read_shard(tmp_path / "s_000.bin").tolist() == [t for d in docs[:20] for t in d]
     corpus = data.Corpus(str(tmp_path / "s_*.bin"))
     assert corpus.summary["docs"] == 40
-    got = sorted(corpus.arrays[s][a:a + n].tolist() for s, a, n in zip(corpus.src, corpus.start, corpus.length))
-    assert got == sorted(docs)
+    assert sorted(corpus.tokens(d).tolist() for d in range(40)) == sorted(d + [EOT] for d in docs)
     loader = PackedLoader(str(tmp_path / "s_*.bin"), batch_size=2, seq_len=16, val_fraction=0.1)
     assert loader.next_batch()["input_ids"].shape == (2, 16)
 
@@ -185,14 +252,158 @@ def test_bad_sources_and_arguments(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="empty_dir: directory holds no text files"):
         data.Corpus(tmp_path / "empty_dir")
-    with pytest.raises(ValueError, match="no shard matches"):
+    with pytest.raises(ValueError, match=r"\*.bin: no file matches this glob"):
         data.Corpus(str(tmp_path / "*.bin"))
+    with pytest.raises(ValueError, match="data='': expected a path, a glob"):
+        PackedLoader("")
     with pytest.raises(ValueError, match="seq_len 1"):
         PackedLoader(tmp_path / "nowhere", seq_len=1)
     with pytest.raises(ValueError, match="batch_size 0"):
         PackedLoader(tmp_path / "nowhere", batch_size=0)
     with pytest.raises(ValueError, match="seq_len 1"):
         pack([[EOT, 1]], 1)
+
+
+def test_split_text_rule():
+    a, b = "a" * 1997, "b" * 10
+    assert data.split_text(a + "\n\n" + b) == [a + "\n\n" + b]  # 1999 characters at the break: one document
+    assert data.split_text(a + "b\n\n" + b) == [a + "b\n\n", b]  # 2000: cut after the blank line
+    assert data.split_text(a + "b\n \t\n\n  " + b + "\n\n") == [a + "b\n \t\n\n", "  " + b + "\n\n"]
+    assert data.split_text(a + "b\n" + b) == [a + "b\n" + b]  # a single newline is no paragraph break
+    text = "".join(f"paragraph {i} " + "x" * (i * 37 % 500) + "\n\n" for i in range(100))
+    docs = data.split_text(text)
+    assert "".join(docs) == text and all(len(d) >= data.MIN_DOC_CHARS for d in docs[:-1]) and len(docs) > 5
+
+
+def test_single_text_file_is_cut_into_documents(tmp_path):
+    rng = np.random.default_rng(0)
+    text = "".join(" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(5, 80))) + "\n\n"
+                   for _ in range(300))
+    p = tmp_path / "book.txt"
+    p.write_text(text)
+    corpus = data.Corpus(p, cache_dir=tmp_path / "c", quiet=True)
+    enc, n = get_tokenizer(), corpus.summary["docs"]
+    assert n == len(data.split_text(text)) > 10
+    # every character in exactly one document, in order, each [EOT] + tokens + [EOT]
+    docs = [corpus.tokens(d).tolist() for d in range(n)]
+    assert all(d[0] == EOT == d[-1] for d in docs) and "".join(enc.decode(d[1:-1]) for d in docs) == text
+    for split in ("train", "val"):
+        assert PackedLoader(p, split, batch_size=2, seq_len=64, val_fraction=0.1, cache_dir=tmp_path / "c",
+                            quiet=True).next_batch()["attention_mask"][:, 0].all()
+    small = tmp_path / "small.txt"
+    small.write_text("one paragraph\n\n" * 100)  # 1500 characters: one document
+    with pytest.raises(ValueError, match=r"small.txt: 1500 bytes give 1 document.* at least 2000 characters"):
+        data.Corpus(small, cache_dir=tmp_path / "c", quiet=True)
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+
+
+def test_sources_by_path_or_glob(tmp_path):
+    d = tmp_path / "corpus[v1]"  # a folder named with glob characters is that folder
+    d.mkdir()
+    for i in range(3):
+        (d / f"doc{i}.txt").write_text(f"document number {i}")
+    (d / "upper.MD").write_text("an upper-case suffix")
+    write_shard(d / "s_000.BIN", [EOT, 1, 2])
+    write_shard(d / "s_001.bin", [EOT, 3])
+    (d / "x.jsonl").write_text('{"text": "a"}\n')
+    c = dict(cache_dir=tmp_path / "c", quiet=True)
+    assert data.Corpus(d, **c).summary["docs"] == 4 and data.resolve_source(d)[0] == "text"
+    g = str(tmp_path / "corpus?v1?")
+    assert data.resolve_source(g + "/*.txt") == ("text", [d / f"doc{i}.txt" for i in range(3)])
+    assert data.Corpus(g + "/*.[tT]*", **c).summary["docs"] == 3
+    assert data.Corpus(g + "/*.[mM][dD]", **c).summary["docs"] == 1
+    shards = data.Corpus(g + "/s_*", **c)
+    assert shards.kind == "shards" and shards.summary["shards"] == 2 and shards.summary["docs"] == 2
+    assert data.Corpus(d / "s_000.BIN").kind == "shards"
+    (tmp_path / "UP.JSONL").write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert data.Corpus(tmp_path / "UP.JSONL", **c).summary["docs"] == 2
+    with pytest.raises(ValueError, match=r"the glob matches \{'\.bin': 2, '\.jsonl': 1, '\.md': 1, '\.txt': 3\}; "
+                                         r"expected only .bin shards or only text files \(.*\.txt"):
+        data.Corpus(g + "/*", **c)
+    with pytest.raises(ValueError, match=r"the glob matches \{'\.jsonl': 1\}"):
+        data.Corpus(g + "/*.jsonl", **c)
+    with pytest.raises(ValueError, match=r"no file matches this glob"):
+        data.Corpus(g + "/*.rst", **c)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_corpus_smaller_than_one_batch(tmp_path, split):
+    p = tmp_path / "tiny.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "two words", "three short words"]))
+    loader = PackedLoader(p, split, batch_size=8, seq_len=16, cache_dir=tmp_path / "c", quiet=True)
+    for _ in range(3):  # each batch spans several epochs
+        b = loader.next_batch()
+        assert b["input_ids"].shape == (8, 16) and b["attention_mask"][:, 0].all()
+    assert loader.epoch >= 3
+
+
+def test_fingerprint_names_the_data_not_the_path(text_dir, tmp_path):
+    fp = lambda src: data.Corpus(src, cache_dir=tmp_path / "c", quiet=True).fingerprint
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    shutil.copytree(text_dir, a)
+    shutil.copytree(text_dir, b)
+    for p in b.iterdir():
+        os.utime(p, (1e9, 1e9))  # other path, other mtime, same files
+    base = fp(a)
+    assert len(base) == 16 and int(base, 16) >= 0
+    assert fp(b) == base and fp(str(a) + "/") == base and fp(str(a) + "/*.[tm]*") == base  # a glob of the same files
+    (b / "doc03.txt").write_text("an edited document")
+    assert fp(b) != base
+    shutil.rmtree(b)
+    shutil.copytree(text_dir, b)
+    (b / "zz_added.txt").write_text("an added document")
+    assert fp(b) != base
+    (b / "zz_added.txt").write_text("   ")  # even an empty file (skipped as a document) is another set of files
+    assert fp(b) != base
+    # shards: the same files elsewhere give the same fingerprint; an edit or an added shard does not
+    for d in (a, b):
+        for i in range(2):
+            write_shard(d / f"s_{i:03d}.bin", [EOT, 1, 2, i])
+        os.utime(d / "s_000.bin", (1e9, 1e9))
+    assert fp(str(a / "s_*.bin")) == fp(str(b / "s_*.bin"))
+    write_shard(b / "s_001.bin", [EOT, 1, 2, 7])
+    assert fp(str(a / "s_*.bin")) != fp(str(b / "s_*.bin"))
+    write_shard(a / "s_002.bin", [EOT])
+    assert fp(str(a / "s_*.bin")) != fp(str(a / "s_00[01].bin"))
+
+
+def test_stale_builds_of_dead_processes_are_removed(text_dir, tmp_path):
+    cache = tmp_path / "cache"
+    host = socket.gethostname()
+    cache.mkdir()
+    stale = cache / f".tmp-text-0123abcd-{host}-99999999"  # a build killed with kill -9: its pid is gone
+    live = cache / f".tmp-text-0123abcd-{host}-{os.getpid()}"  # a build still running
+    other = cache / ".tmp-text-0123abcd-otherhost-99999999"  # another machine's pids mean nothing here
+    for p in (stale, live, other):
+        p.mkdir()
+        (p / "tokens.u16").write_bytes(b"\0\0")
+    corpus = data.Corpus(text_dir, cache_dir=cache, quiet=True)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, other.name, corpus.cache_path.name])
+
+
+def test_failed_build_leaves_nothing_and_disk_full_is_named(text_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    real_open = open
+
+    class FullDisk:  # a file whose writes fail as on a full disk
+        def __init__(self, f):
+            self.f = f
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(data, "open", lambda path, mode="r", *a, **k: (
+        FullDisk(real_open(path, mode, *a, **k)) if "w" in mode else real_open(path, mode, *a, **k)), raising=False)
+    with pytest.raises(OSError, match=f"disk full while building the token cache {cache}") as e:
+        data.Corpus(text_dir, cache_dir=cache, quiet=True)
+    assert e.value.errno == errno.ENOSPC and not list(cache.iterdir())
+    monkeypatch.undo()
+    assert data.Corpus(text_dir, cache_dir=cache, quiet=True).summary["docs"] == 31
 
 
 def test_resume_gives_identical_batches(text_dir, tmp_path):
@@ -225,12 +436,13 @@ def test_epoch_covers_the_split_once_and_splits_are_disjoint(text_dir, tmp_path)
     val = PackedLoader(text_dir, split="val", batch_size=1, seq_len=64, cache_dir=tmp_path, quiet=True, val_fraction=0.2)
     assert not set(loader.docs) & set(val.docs) and len(loader.docs) + len(val.docs) == 31
     c = loader.corpus
-    expected = Counter(t for d in loader.docs for t in c.arrays[0][c.start[d]:c.start[d] + c.length[d]].tolist())
+    expected = Counter(t for d in loader.docs for t in c.tokens(d).tolist())
     seen = Counter()
     while loader.epoch == 0:
         b = loader.next_batch()
         seen.update(b["input_ids"][b["attention_mask"]].tolist())
     assert seen == expected
+    assert seen[EOT] == 2 * len(loader.docs) and sum(seen.values()) == c.length[loader.docs].sum()
 
 
 def test_default_corpus_packs_tightly():
