@@ -2,7 +2,8 @@
 
 Head k (k = 1..n_predict) predicts token t + k. Its target at (b, t) is input_ids[b, t + k] when
 t + k < T and doc_ids[b, t] >= 0 and doc_ids[b, t + k] == doc_ids[b, t]; otherwise -100 (ignored).
-Validity comes from position and document, never from comparing ids with a pad id: EOT is a real token.
+Validity comes from position and document, never from comparing ids with a pad id: EOT is a real token
+(the EOT that ends a document is a target; the one that begins the next document is not).
 
 The loss is returned as per-head sums and counts; train.py divides once by the global count of the
 whole step (all micro-batches, all ranks). mtp_loss() never materializes the (n_predict, B, T, vocab)
@@ -10,12 +11,25 @@ logits: it walks over chunks of rows and computes the gradients during the forwa
 Liger-Kernel's fused linear cross-entropy), keeping grad_hidden and one grad_weight per head; or a single
 grad_weight when the caller says beforehand by how much it will weigh each head (`grad_scale`), as the
 training step can, since its coefficients w_k * world_size / N_k are known before the forward.
+
+Precision: the chunk matmuls run in the autocast dtype when autocast is on (bf16 on CUDA: they are half
+the training FLOPs of the GPT-2-sized preset), else in the inputs' dtype; their products, the softmax, the
+sums and the weight-gradient accumulation are float32 (float64 for float64 inputs).
+
+ModelWithLoss puts the model and its loss in one forward, the one way train.py, bench.py and the tests
+get (sums, counts) from a batch; DDP and FSDP wrap it whole (see its docstring).
 """
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE = -100
-CHUNK_ELEMS = 2**23  # logits held at once: chunk_rows * vocab (32 MiB in float32: fits caches better than 64)
+# Logits held at once, chunk_rows * vocab: 32 MiB of float32 fits a CPU's caches better than 64; on a GPU
+# small chunks only add launches (the GPT-2-sized preset would run ~400 tiny matmul triplets per micro-batch
+# at 2**23), so 512 MiB there.
+CHUNK_ELEMS = {"cpu": 2**23, "cuda": 2**27}
 
 
 def mtp_targets(input_ids, doc_ids, n_predict):
@@ -34,56 +48,69 @@ def count_targets(batch, n_predict):
     return (mtp_targets(batch["input_ids"], batch["doc_ids"], n_predict) != IGNORE).sum((1, 2))
 
 
+def _matmul_dtype(t):
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
-    """sums[k] = sum over valid rows of cross_entropy(h[k] @ w.T, targets[k]); gradients made in forward."""
+    """sums[k] = sum over valid rows of cross_entropy(h[k] @ w.T, targets[k]); gradients made in forward.
+    With need_grad False (evaluation) it also returns each row's argmax (the head's greedy token)."""
 
     @staticmethod
     def forward(ctx, h_KND, w_VD, tgt_KN, chunk_rows, need_grad, scale_K):
         K, N, D = h_KND.shape
-        dt = h_KND.dtype
-        acc = torch.promote_types(dt, torch.float32)  # softmax and accumulation: at least float32
+        acc = torch.promote_types(h_KND.dtype, torch.float32)  # softmax, sums, accumulation
+        mm = _matmul_dtype(h_KND)  # the matmuls: autocast's dtype, decided here, not by autocast's op lists
         need_w = need_grad and w_VD.requires_grad
-        w = w_VD.to(dt)
+        w = w_VD.to(mm)
         sums_K = torch.zeros(K, dtype=acc, device=h_KND.device)
-        grad_h = torch.empty_like(h_KND)
+        preds_KN = None if need_grad else torch.empty(K, N, dtype=torch.long, device=h_KND.device)
+        grad_h = torch.empty_like(h_KND) if need_grad else None
         # one weight gradient per head, or their sum weighted by scale_K (then the backward checks that the
         # incoming gradient is proportional to scale_K)
         n_w = 0 if not need_w else (1 if scale_K is not None else K)
-        scales = scale_K.tolist() if scale_K is not None and need_w else None
         grad_w = torch.zeros(n_w, *w_VD.shape, dtype=acc, device=w_VD.device)
-        for k in range(K):
-            for s in range(0, N, chunk_rows):
-                h_CD, t_C = h_KND[k, s:s + chunk_rows], tgt_KN[k, s:s + chunk_rows]
-                logits_CV = (h_CD @ w.t()).to(acc)
-                valid_C = t_C != IGNORE
-                t_safe = torch.where(valid_C, t_C, 0)[:, None]
-                target_logit_C = logits_CV.gather(1, t_safe)[:, 0]
-                # one softmax, in place, with few passes over the (C, V) chunk: it is memory-bound
-                max_C = logits_CV.amax(dim=-1, keepdim=True)
-                probs_CV = logits_CV.sub_(max_C).exp_()
-                sum_C = probs_CV.sum(dim=-1, keepdim=True)
-                lse_C = (max_C + sum_C.log())[:, 0]
-                sums_K[k] += ((lse_C - target_logit_C) * valid_C).sum()
-                if not need_grad:
-                    continue
-                # d(CE)/d(logits) = softmax - onehot(target); ignored rows are zeroed on the (C, D) side
-                g_CV = probs_CV.div_(sum_C)
-                g_CV.scatter_add_(1, t_safe, torch.full_like(t_safe, -1, dtype=g_CV.dtype))
-                g_CV = g_CV.to(dt)
-                keep_C1 = valid_C[:, None].to(dt)
-                grad_h[k, s:s + chunk_rows] = (g_CV @ w) * keep_C1
-                if need_w:  # accumulate in place, the head's scale applied in the accumulation precision
-                    into, alpha = (grad_w[k], 1.0) if scale_K is None else (grad_w[0], scales[k])
-                    if dt == acc:
-                        into.addmm_(g_CV.t(), h_CD * keep_C1, alpha=alpha)
-                    else:
-                        into.add_((g_CV.t() @ (h_CD * keep_C1)).to(acc), alpha=alpha)
-        ctx.save_for_backward(grad_h, grad_w, scale_K if scale_K is not None else grad_w.new_empty(0))
-        ctx.w_dtype = w_VD.dtype
-        return sums_K
+        with torch.autocast(h_KND.device.type, enabled=False):
+            for k in range(K):
+                for s in range(0, N, chunk_rows):
+                    h_CD, t_C = h_KND[k, s:s + chunk_rows].to(mm), tgt_KN[k, s:s + chunk_rows]
+                    logits_CV = (h_CD @ w.t()).to(acc)
+                    if preds_KN is not None:
+                        preds_KN[k, s:s + chunk_rows] = logits_CV.argmax(-1)
+                    valid_C = t_C != IGNORE
+                    t_safe = torch.where(valid_C, t_C, 0)[:, None]
+                    target_logit_C = logits_CV.gather(1, t_safe)[:, 0]
+                    # one softmax, in place, with few passes over the (C, V) chunk: it is memory-bound
+                    max_C = logits_CV.amax(dim=-1, keepdim=True)
+                    probs_CV = logits_CV.sub_(max_C).exp_()
+                    sum_C = probs_CV.sum(dim=-1, keepdim=True)
+                    lse_C = (max_C + sum_C.log())[:, 0]
+                    sums_K[k] += ((lse_C - target_logit_C) * valid_C).sum()
+                    if not need_grad:
+                        continue
+                    # d(CE)/d(logits) = softmax - onehot(target); ignored rows are zeroed on the (C, D) side
+                    g_CV = probs_CV.div_(sum_C)
+                    g_CV.scatter_add_(1, t_safe, torch.full_like(t_safe, -1, dtype=g_CV.dtype))
+                    g_CV = g_CV.to(mm)
+                    keep_C1 = valid_C[:, None].to(acc)
+                    grad_h[k, s:s + chunk_rows] = ((g_CV @ w).to(acc) * keep_C1).to(grad_h.dtype)
+                    if need_w:  # accumulate, the head's scale applied on the (C, D) side: no host sync
+                        into = grad_w[0 if scale_K is not None else k]
+                        hk_CD = h_CD.to(acc) * (keep_C1 if scale_K is None else keep_C1 * scale_K[k].to(acc))
+                        if mm == acc:
+                            into.addmm_(g_CV.t(), hk_CD)
+                        else:
+                            into += (g_CV.t() @ hk_CD.to(mm)).to(acc)
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w, scale_K if scale_K is not None else grad_w.new_empty(0))
+            ctx.w_dtype = w_VD.dtype
+        else:
+            ctx.mark_non_differentiable(preds_KN)
+        return sums_K, preds_KN
 
     @staticmethod
-    def backward(ctx, grad_sums_K):
+    def backward(ctx, grad_sums_K, _):
         grad_h, grad_w, scale_K = ctx.saved_tensors
         g_K = grad_sums_K.to(grad_w.dtype)
         dh = grad_h * grad_sums_K.to(grad_h.dtype)[:, None, None]
@@ -91,13 +118,26 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if grad_w.shape[0] and scale_K.numel():  # one buffer holding sum_k scale_k grad_w_k: g must be c * scale
             s_K = scale_K.to(g_K.dtype)
             c = (g_K @ s_K) / (s_K @ s_K).clamp(min=torch.finfo(s_K.dtype).tiny)
-            if ((g_K - c * s_K).abs().max() > 1e-5 * g_K.abs().max()).item():
-                raise ValueError(f"mtp_loss: grad_scale {scale_K.tolist()} given, but the loss weighs the heads "
-                                 f"by {grad_sums_K.tolist()}, which is not proportional to it")
+            ok = ~((g_K - c * s_K).abs().max() > 1e-5 * g_K.abs().max())  # NaN passes: the step's guard takes it
+            # checked on the device (no host sync): raises at once on a CPU, a device-side assert on a GPU
+            torch._assert_async(ok, "mtp_loss: grad_scale was given, but the loss weighs the heads in another "
+                                    "proportion (the gradient is not proportional to grad_scale)")
             dw = (c * grad_w[0]).to(ctx.w_dtype)
         elif grad_w.shape[0]:  # sum_k g_k * grad_w[k] as one (1, K) @ (K, V*D) product: no (K, V, D) temporary
             dw = (g_K[None] @ grad_w.flatten(1)).view(grad_w.shape[1:]).to(ctx.w_dtype)
         return dh, dw, None, None, None, None
+
+
+def _chunked(hidden, weight, targets, chunk_rows, need_grad, grad_scale):
+    K, B, T, D = hidden.shape
+    if targets.shape != (K, B, T):
+        raise ValueError(f"targets shape {tuple(targets.shape)}, expected {(K, B, T)} to match hidden")
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMS.get(hidden.device.type, CHUNK_ELEMS["cuda"]) // weight.shape[0])
+    tgt = targets.reshape(K, B * T)
+    if grad_scale is not None:
+        grad_scale = grad_scale.detach().to(hidden.device)
+    sums, preds = _ChunkedLinearCE.apply(hidden.reshape(K, B * T, D), weight, tgt, chunk_rows, need_grad, grad_scale)
+    return sums, (tgt != IGNORE).sum(1), None if preds is None else preds.view(K, B, T)
 
 
 def mtp_loss(hidden, weight, targets, chunk_rows=None, grad_scale=None):
@@ -105,16 +145,15 @@ def mtp_loss(hidden, weight, targets, chunk_rows=None, grad_scale=None):
     -> (sums, counts), each (n_predict,): summed cross-entropy (float32) and number of valid targets.
     grad_scale (n_predict,), optional: the factors the caller will multiply the sums by before backward
     (any multiple works); then one weight-sized gradient buffer is kept instead of one per head."""
-    K, B, T, D = hidden.shape
-    if targets.shape != (K, B, T):
-        raise ValueError(f"targets shape {tuple(targets.shape)}, expected {(K, B, T)} to match hidden")
-    chunk_rows = chunk_rows or max(1, CHUNK_ELEMS // weight.shape[0])
-    tgt = targets.reshape(K, B * T)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if grad_scale is not None:
-        grad_scale = grad_scale.detach().to(hidden.device)
-    sums = _ChunkedLinearCE.apply(hidden.reshape(K, B * T, D), weight, tgt, chunk_rows, need_grad, grad_scale)
-    return sums, (tgt != IGNORE).sum(1)
+    sums, counts, _ = _chunked(hidden, weight, targets, chunk_rows, need_grad, grad_scale)
+    return sums, counts
+
+
+@torch.no_grad()
+def mtp_eval(hidden, weight, targets, chunk_rows=None):
+    """As mtp_loss, without gradients, also -> preds (n_predict, B, T): each head's greedy (argmax) token."""
+    return _chunked(hidden, weight, targets, chunk_rows, False, None)
 
 
 def mtp_loss_reference(hidden, weight, targets):
@@ -123,6 +162,26 @@ def mtp_loss_reference(hidden, weight, targets):
     sums = torch.stack([F.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten(),
                                         ignore_index=IGNORE, reduction="sum") for k in range(len(hidden))])
     return sums, (targets != IGNORE).sum((1, 2))
+
+
+def head_agreement(preds, targets):
+    """What self-speculative decoding would get, from one teacher-forced forward (evaluation). preds and
+    targets (K, B, T) for heads 1..K -> sums and counts, each a float64 tensor:
+      correct (K), valid (K):   head k's greedy token equals its target, over its valid targets (accuracy);
+      accepted (K-1), judged (K-1): head k's draft at t equals head 1's greedy token at t+k-1, over positions t
+          where t+k-1 is in t's document (= head k-1 has a valid target at t): the draft survives verification;
+      run (1), positions (1):   sum over positions with a head-1 target of 1 + the number of consecutive
+          accepted drafts from head 2 on: tokens per forward of greedy self-speculative decoding."""
+    K, B, T = preds.shape
+    valid = targets != IGNORE
+    correct = ((preds == targets) & valid).sum((1, 2))
+    accept = torch.zeros(K - 1, B, T, dtype=torch.bool, device=preds.device)
+    for j in range(1, min(K, T)):  # head j+1 drafts token t+j+1; head 1 at t+j is its judge
+        accept[j - 1, :, :T - j] = (preds[j, :, :T - j] == preds[0, :, j:]) & valid[j - 1, :, :T - j]
+    run = accept.long().cumprod(0).sum(0) if K > 1 else torch.zeros(B, T, dtype=torch.long, device=preds.device)
+    pieces = dict(correct=correct, valid=valid.sum((1, 2)), accepted=accept.sum((1, 2)),
+                  judged=valid[:K - 1].sum((1, 2)), run=((1 + run) * valid[0]).sum()[None], positions=valid[0].sum()[None])
+    return {k: v.double() for k, v in pieces.items()}
 
 
 def step_coefficients(global_counts, head_weights, world_size=1):
@@ -134,3 +193,40 @@ def step_coefficients(global_counts, head_weights, world_size=1):
 def objective(sums, counts, head_weights):
     """sum_k w_k * sums_k / counts_k over a whole step or evaluation; a head with no target adds 0."""
     return (step_coefficients(counts, head_weights) * sums).sum()
+
+
+@dataclass
+class LossOutput:
+    sums: torch.Tensor  # (len(heads),) summed cross-entropy of each head run
+    counts: torch.Tensor  # (len(heads),) its valid targets
+    aux_loss: torch.Tensor  # scalar: the router losses of the micro-batch
+    expert_counts: torch.Tensor  # (n_moe_layers, n_experts)
+    preds: torch.Tensor = None  # (len(heads), B, T) greedy tokens: evaluation only (predict=True)
+
+
+class ModelWithLoss(nn.Module):
+    """The model and its loss in one forward: batch -> LossOutput. One module, so that DDP and FSDP wrap the
+    loss too. Why it matters under FSDP2: the loss reads the unembedding (lm_head.weight) outside Model.forward;
+    FSDP2 gathers a module's parameters in its pre-forward hook and frees them after, so outside Model.forward
+    the loss would see a shard. With this module as FSDP's root unit, the root parameters (embedding, final norm,
+    unembedding) are gathered for the whole of this forward, model and loss, and the loss's gradient for the
+    unembedding (computed in its forward, returned by its backward) is reduce-scattered like any other; the
+    single-buffer gradient path (grad_scale) is unchanged. Unsharding the weight by hand around the loss would
+    work too, but it would be a second code path for one parameter."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, heads=None, grad_scale=None, predict=False):
+        """batch: data.py's dict; heads: indices of the heads to run (default all); grad_scale: see mtp_loss;
+        predict: evaluation, without gradients, with each head's greedy tokens."""
+        heads = list(range(self.model.cfg.n_predict) if heads is None else heads)
+        out = self.model(**batch, heads=heads)
+        targets = mtp_targets(batch["input_ids"], batch["doc_ids"], max(heads) + 1)[heads]
+        weight = self.model.lm_head.weight
+        if predict:
+            sums, counts, preds = mtp_eval(out.hidden, weight, targets)
+        else:
+            (sums, counts), preds = mtp_loss(out.hidden, weight, targets, grad_scale=grad_scale), None
+        return LossOutput(sums, counts, out.aux_loss, out.expert_counts, preds)

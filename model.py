@@ -8,12 +8,16 @@ Layout (Gloeckle et al. 2024, "Better & Faster LLMs via Multi-token Prediction")
     logits of head k = hidden[k-1] @ lm_head.weight.T, predicting token t + k
 
 forward() returns the per-head hidden states, not logits: loss.py computes the cross-entropy chunk by
-chunk so the (n_predict, B, T, vocab) logits never exist at once.
+chunk so the (n_predict, B, T, vocab) logits never exist at once. `heads` selects which head blocks run
+(a head schedule drops heads late in training; plain decoding needs head 1 only).
 
 Attention: query (b, t) sees key (b, s) iff s <= t and doc_ids[b, s] == doc_ids[b, t]. Padding has doc
 id -1, so it sees only padding (itself included): no empty row, no NaN. Three backends compute it:
 SDPA with a dense boolean mask (the reference, and the CPU training path), FlexAttention with a
-BlockMask (CUDA), and SDPA is_causal when every row is one document without padding.
+BlockMask (CUDA), and SDPA is_causal for a plain sequence (no doc_ids, no attention_mask given).
+
+Decoding: forward(ids, kv_cache=cache) feeds tokens at positions cache.pos, cache.pos + 1, ...; the model
+builds the positions and the causal mask itself, so callers pass tokens only (as in gpt-fast).
 
 MoE: dropless top-k routing over stacked expert weights [E, ...] (every expert gets a gradient every
 step, so DDP needs no find_unused_parameters), optional always-on shared experts, Switch load-balancing
@@ -30,20 +34,22 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelConfig:
+    """The model's shape. These defaults are the model of `python train.py` (the one place they are set);
+    every field is also a train.py setting (--n_embd=256) and a line of a --config file."""
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
-    seq_len: int = 1024  # longest row; RoPE table size
-    n_layer: int = 4  # trunk blocks (the n_predict head blocks come on top)
-    n_head: int = 4
-    n_kv_head: int = 0  # grouped-query attention; 0 means n_head
-    n_embd: int = 256
-    n_experts: int = 8  # routed experts per MoE layer
+    seq_len: int = 256  # tokens per row; the RoPE table's length
+    n_layer: int = 2  # trunk blocks (the n_predict head blocks come on top)
+    n_head: int = 4  # attention heads
+    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 means n_head
+    n_embd: int = 128  # model width
+    n_experts: int = 4  # routed experts per MoE layer
     top_k: int = 2  # routed experts per token
     n_shared_experts: int = 1  # always-on experts (DeepSeekMoE); 0 for none
     expert_hidden: int = 0  # SwiGLU hidden size of one expert; 0 -> 4 * n_embd / (top_k + n_shared_experts), rounded up to 16
     n_dense_layers: int = 0  # leading trunk blocks with a dense FFN instead of MoE (DeepSeek-V3 uses 3)
     n_predict: int = 4  # MTP heads; head k predicts token t + k
-    rope_base: float = 10000.0
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    rope_base: float = 10000.0  # rotary embedding base
     dropout: float = 0.0  # residual dropout; 0 keeps a training forward deterministic
     router_noise: float = 0.0  # std of Gaussian noise on router logits in training (0 = none)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0 with bias balancing)
@@ -54,10 +60,11 @@ class ModelConfig:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"ModelConfig: {msg}")
+        may_be_zero = ("n_kv_head", "expert_hidden", "n_dense_layers", "n_shared_experts")
         for f in fields(self):
-            if f.type in ("int", int) and f.name not in ("n_kv_head", "expert_hidden", "n_dense_layers",
-                                                        "n_shared_experts") and getattr(self, f.name) < 1:
-                bad(f"{f.name}={getattr(self, f.name)}, expected >= 1")
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and value < (0 if f.name in may_be_zero else 1):
+                bad(f"{f.name}={value}, expected >= {0 if f.name in may_be_zero else 1}")
         kv = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             bad(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
@@ -82,7 +89,7 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    hidden: torch.Tensor  # (n_predict, B, T, n_embd) final-normed states of each head
+    hidden: torch.Tensor  # (len(heads), B, T, n_embd) final-normed states of each head run
     aux_loss: torch.Tensor  # scalar: aux_loss_coef * balance + z_loss_coef * z, summed over MoE layers
     expert_counts: torch.Tensor  # (n_moe_layers, n_experts) real tokens routed to each expert
 
@@ -125,6 +132,32 @@ def rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+class KVCache:
+    """Keys and values of every attention module (trunk and heads) for decoding one batch of sequences,
+    preallocated to max_len positions. `pos` is the number of positions fed; truncate(n) rolls back.
+    A forward that runs only some heads leaves the others behind (`head_pos`); the trunk's output at
+    every position is kept (`trunk`, B x max_len x D), so a later forward catches a head block up."""
+
+    def __init__(self, model, max_len, batch=1):
+        cfg, p = model.cfg, next(model.parameters())
+        kv, hd = cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
+        self.kv = {b.attn: (p.new_zeros(batch, kv, max_len, hd), p.new_zeros(batch, kv, max_len, hd))
+                   for b in list(model.blocks) + list(model.heads)}
+        self.trunk = p.new_zeros(batch, max_len, cfg.n_embd)
+        self.pos, self.head_pos, self.max_len = 0, [0] * cfg.n_predict, max_len
+
+    def truncate(self, n):
+        self.pos = n
+        self.head_pos = [min(p, n) for p in self.head_pos]
+
+    def update(self, attn, start, k, v):
+        """Write k, v (B, KV, T, hd) at positions start.. and return the keys and values up to there."""
+        K, V = self.kv[attn]
+        end = start + k.shape[2]
+        K[:, :, start:end], V[:, :, start:end] = k, v
+        return K[:, :, :end], V[:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -132,14 +165,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (self.H + 2 * self.KV) * self.hd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x_BTD, cos, sin, mask, kv_cache=None):
+    def forward(self, x_BTD, cos, sin, mask, cache=None):
+        """mask: None (plain causal), a boolean tensor (SDPA) or a BlockMask (flex); cache: (KVCache, start)."""
         B, T, D = x_BTD.shape
         q, k, v = self.qkv(x_BTD).split([self.H * self.hd, self.KV * self.hd, self.KV * self.hd], dim=-1)
         q = rope(q.view(B, T, self.H, self.hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = rope(k.view(B, T, self.KV, self.hd).transpose(1, 2), cos, sin)  # (B, KV, T, hd)
         v = v.view(B, T, self.KV, self.hd).transpose(1, 2)
-        if kv_cache is not None:  # sampling: append this step's keys and values, attend over all
-            k, v = kv_cache.update(self, k, v)
+        if cache is not None:  # decoding: append these keys and values, attend over all so far
+            k, v = cache[0].update(self, cache[1], k, v)
         gqa = self.KV != self.H
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -175,16 +209,20 @@ def experts_loop(x_ND, idx_NK, gate_NK, w1_EFD, w3_EFD, w2_EDF):
 
 
 def experts_grouped(x_ND, idx_NK, gate_NK, w1_EFD, w3_EFD, w2_EDF):
-    """Grouped matmul over tokens sorted by expert (torch._grouped_mm with group end offsets)."""
+    """Grouped matmul over tokens sorted by expert (torch._grouped_mm with group end offsets). No host
+    sync: group sizes come from a scatter-add (bincount would read the maximum back on CUDA)."""
     E, K = w1_EFD.shape[0], idx_NK.shape[1]
-    order = torch.argsort(idx_NK.flatten(), stable=True)  # assignment slots sorted by expert
+    flat = idx_NK.flatten()
+    order = torch.argsort(flat, stable=True)  # assignment slots sorted by expert
     tok = order // K
-    offs = torch.cumsum(torch.bincount(idx_NK.flatten(), minlength=E), 0).to(torch.int32)
-    dt = torch.get_autocast_dtype("cuda") if x_ND.is_cuda and torch.is_autocast_enabled("cuda") else x_ND.dtype
-    x_nD = x_ND.index_select(0, tok).to(dt)
-    w1, w3, w2 = (w.to(dt).transpose(-2, -1) for w in (w1_EFD, w3_EFD, w2_EDF))
+    sizes = torch.zeros(E, dtype=torch.int32, device=x_ND.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(sizes, 0, dtype=torch.int32)
+    dev = x_ND.device.type
+    mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_ND.dtype
+    x_nD = x_ND.index_select(0, tok).to(mm)
+    w1, w3, w2 = (w.to(mm).transpose(-2, -1) for w in (w1_EFD, w3_EFD, w2_EDF))
     h_nF = F.silu(torch._grouped_mm(x_nD, w1, offs=offs)) * torch._grouped_mm(x_nD, w3, offs=offs)
-    y_nD = torch._grouped_mm(h_nF, w2, offs=offs) * gate_NK.flatten()[order, None].to(dt)
+    y_nD = torch._grouped_mm(h_nF, w2, offs=offs) * gate_NK.flatten()[order, None].to(mm)
     return torch.zeros_like(x_ND).index_add_(0, tok, y_nD.to(x_ND.dtype))
 
 
@@ -202,28 +240,38 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E))
         self.shared = SwiGLU(D, Fh * cfg.n_shared_experts) if cfg.n_shared_experts else None
 
-    def forward(self, x_BTD, valid_BT):
-        cfg, (B, T, D) = self.cfg, x_BTD.shape
-        x_ND, valid_N = x_BTD.reshape(-1, D), valid_BT.reshape(-1)
-        acc = torch.promote_types(x_ND.dtype, torch.float32)  # routing in float32 at least
-        logits_NE = x_ND.to(acc) @ self.router.weight.to(acc).t()
+    def route(self, x_ND):
+        """-> (router logits, probabilities (N, E), chosen experts, gates (N, K)), all in float32 or wider.
+        Autocast is off here: top-k on bf16 logits flips choices between nearly tied experts."""
+        cfg = self.cfg
+        acc = torch.promote_types(x_ND.dtype, torch.float32)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            logits_NE = x_ND.to(acc) @ self.router.weight.to(acc).t()
         if self.training and cfg.router_noise > 0:
             logits_NE = logits_NE + cfg.router_noise * torch.randn_like(logits_NE)
         probs_NE = logits_NE.softmax(-1)
         idx_NK = torch.topk(probs_NE + self.expert_bias, cfg.top_k, dim=-1).indices
         gate_NK = probs_NE.gather(1, idx_NK)
-        gate_NK = (gate_NK / gate_NK.sum(-1, keepdim=True)).to(x_ND.dtype)
+        if cfg.top_k > 1:  # renormalize over the chosen experts; a single gate keeps its raw probability
+            gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)  # (Switch), else it is 1.0 and the router learns nothing
+        return logits_NE, probs_NE, idx_NK, gate_NK
+
+    def forward(self, x_BTD, valid_BT):
+        cfg, (B, T, D) = self.cfg, x_BTD.shape
+        x_ND, valid_N = x_BTD.reshape(-1, D), valid_BT.reshape(-1)
+        logits_NE, probs_NE, idx_NK, gate_NK = self.route(x_ND)
         grouped = cfg.moe_backend == "grouped" or (cfg.moe_backend == "auto" and x_ND.is_cuda
                                                    and torch.is_autocast_enabled("cuda") and cfg.ffn_hidden % 16 == 0)
         dispatch = experts_grouped if grouped else experts_loop
-        y_ND = dispatch(x_ND, idx_NK, gate_NK, self.w1_EFD, self.w3_EFD, self.w2_EDF)
+        y_ND = dispatch(x_ND, idx_NK, gate_NK.to(x_ND.dtype), self.w1_EFD, self.w3_EFD, self.w2_EDF)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         # Router statistics over real tokens only: padding must not pull the balance (Megatron-Core,
         # HF transformers both had this bug). f_E: fraction of assignments, p_E: mean probability.
-        w_N = valid_N.to(acc)
+        # (scatter_add, not one_hot: one_hot reads its input's range back, a host sync on a GPU)
+        w_N = valid_N.to(probs_NE.dtype)
         n_real = w_N.sum().clamp(min=1)
-        counts_E = (F.one_hot(idx_NK, cfg.n_experts).sum(1).to(acc) * w_N[:, None]).sum(0)
+        counts_E = w_N.new_zeros(cfg.n_experts).scatter_add_(0, idx_NK.flatten(), w_N[:, None].expand_as(idx_NK).flatten())
         f_E = counts_E / (n_real * cfg.top_k)
         p_E = (probs_NE * w_N[:, None]).sum(0) / n_real
         balance = cfg.n_experts * (f_E * p_E).sum()  # Switch Transformer: 1.0 when perfectly balanced
@@ -238,14 +286,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = MoE(cfg) if moe else SwiGLU(cfg.n_embd, 4 * cfg.n_embd * 2 // 3)
         self.drop = nn.Dropout(cfg.dropout)
+        self.n_experts = cfg.n_experts
 
-    def forward(self, x, cos, sin, mask, valid, kv_cache=None):
-        """-> (x, aux loss, expert counts or None)."""
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, kv_cache))
+    def forward(self, x, cos, sin, mask, valid, cache=None):
+        """-> (x, aux loss, expert counts (1, E)); a dense block has no router: aux 0, counts of shape (0, E)."""
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, cache))
         if isinstance(self.ffn, MoE):
             y, aux, counts = self.ffn(self.norm2(x), valid)
-            return x + self.drop(y), aux, counts
-        return x + self.drop(self.ffn(self.norm2(x))), None, None
+            return x + self.drop(y), aux, counts[None]
+        return x + self.drop(self.ffn(self.norm2(x))), x.new_zeros(()), x.new_zeros(0, self.n_experts)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -292,15 +341,16 @@ class Model(nn.Module):
         routed = sum(p.numel() for m in self.modules() if isinstance(m, MoE) for p in (m.w1_EFD, m.w3_EFD, m.w2_EDF))
         return total, total - routed + routed * self.cfg.top_k // self.cfg.n_experts
 
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6 * active matmul parameters (the unembedding once per head, the
-        embedding lookup free) + attention scores 6 * 2 * blocks * n_embd * T (nanoGPT/PaLM convention,
-        counted as if every key were attended)."""
-        cfg, T = self.cfg, seq_len or self.cfg.seq_len
+    def flops_per_token(self, seq_len=None, n_heads=None):
+        """Training FLOPs per token with n_heads heads (default all): 6 * active matmul parameters (the
+        unembedding once per head, the embedding lookup free) + attention scores 6 * 2 * blocks * n_embd * T
+        (nanoGPT/PaLM convention, counted as if every key were attended)."""
+        cfg, T, n = self.cfg, seq_len or self.cfg.seq_len, self.cfg.n_predict if n_heads is None else n_heads
         _, active = self.param_counts()
         lm = cfg.vocab_size * cfg.n_embd
-        matmul = active - lm * (1 if cfg.tie_embeddings else 2) + lm * cfg.n_predict
-        return 6 * matmul + 12 * (cfg.n_layer + cfg.n_predict) * cfg.n_embd * T
+        head_block = sum(p.numel() for p in self.heads[0].parameters()) if cfg.n_predict else 0
+        matmul = active - lm * (1 if cfg.tie_embeddings else 2) + lm * n - head_block * (cfg.n_predict - n)
+        return 6 * matmul + 12 * (cfg.n_layer + n) * cfg.n_embd * T
 
     @torch.no_grad()
     def update_expert_bias(self, counts, rate):
@@ -312,19 +362,17 @@ class Model(nn.Module):
 
     def compile_blocks(self, **kwargs):
         """Compile each block in place (nn.Module.compile): parameter names stay the same, and forward()'s
-        data-dependent checks and mask building stay eager outside the graphs."""
+        mask building stays eager outside the graphs."""
         torch._dynamo.config.capture_dynamic_output_shape_ops = True  # nonzero() in the MoE loop
         for block in list(self.blocks) + list(self.heads):
             block.compile(**kwargs)
 
-    def check_inputs(self, input_ids, attention_mask, doc_ids, position_ids):
-        B, T = input_ids.shape
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence length {T} > seq_len {self.cfg.seq_len}")
-        for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids), ("position_ids", position_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(input_ids.shape)} like input_ids")
-        lo, hi = input_ids.min().item(), input_ids.max().item()  # before any kernel: on CUDA a bad id is fatal
+    def check_inputs(self, input_ids, position_ids=None):
+        """Token and position ids in range, with the values in the message. It reads values back, so
+        forward() calls it only for CPU tensors (free there); on a GPU a bad id would be a device-side
+        assert, and train.py / sample.py guarantee ids at the source (data.py checks them; the model's
+        vocabulary covers GPT-2's)."""
+        lo, hi = input_ids.min().item(), input_ids.max().item()
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids in [{lo}, {hi}], expected [0, {self.cfg.vocab_size})")
         if position_ids is not None and position_ids.numel():
@@ -332,34 +380,67 @@ class Model(nn.Module):
             if lo < 0 or hi >= self.cfg.seq_len:
                 raise ValueError(f"position_ids in [{lo}, {hi}], expected [0, {self.cfg.seq_len})")
 
-    def forward(self, input_ids, attention_mask=None, doc_ids=None, position_ids=None):
-        self.check_inputs(input_ids, attention_mask, doc_ids, position_ids)
-        if doc_ids is None:  # a plain padded batch: one document per row
-            doc_ids = torch.zeros_like(input_ids, dtype=torch.int32)
-            if attention_mask is not None:
-                doc_ids = torch.where(attention_mask.bool(), doc_ids, -1)
-        if position_ids is None:
-            position_ids = positions_from_doc_ids(doc_ids)
-        valid = doc_ids >= 0
-        if bool((doc_ids == 0).all()):
-            mask = None  # every row is one document without padding: plain causal, the fastest path
-        elif self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and input_ids.is_cuda):
-            mask = flex_block_mask(doc_ids)
+    def forward(self, input_ids, attention_mask=None, doc_ids=None, position_ids=None, heads=None, kv_cache=None):
+        """input_ids (B, T) -> ModelOutput. doc_ids / position_ids as in data.py's batch; with attention_mask
+        only, each row is one document followed by padding; with neither, each row is one plain sequence.
+        heads: indices of the head blocks to run (default all). kv_cache: decode at positions kv_cache.pos.."""
+        B, T = input_ids.shape
+        for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids), ("position_ids", position_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(input_ids.shape)} like input_ids")
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {start + T} > seq_len {self.cfg.seq_len}")
+        if input_ids.device.type == "cpu":
+            self.check_inputs(input_ids, position_ids)
+        heads = range(self.cfg.n_predict) if heads is None else heads
+        if kv_cache is not None:
+            return self._decode(input_ids, kv_cache, heads)
+        if doc_ids is None and attention_mask is not None:  # a plain padded batch: one document per row
+            doc_ids = torch.where(attention_mask.bool(), 0, -1).to(torch.int32)
+        if doc_ids is None:
+            mask, valid = None, torch.ones_like(input_ids, dtype=torch.bool)  # plain causal: the fastest path
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T) if position_ids is None else position_ids
         else:
-            mask = doc_mask(doc_ids)
-        cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, hd/2)
-        return self.blocks_and_heads(self.drop(self.tok_emb(input_ids)), cos, sin, mask, valid)
+            use_flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and input_ids.is_cuda)
+            mask, valid = (flex_block_mask if use_flex else doc_mask)(doc_ids), doc_ids >= 0
+            position_ids = positions_from_doc_ids(doc_ids) if position_ids is None else position_ids
+        rope = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, hd/2)
+        x, aux, counts = self._trunk(self.drop(self.tok_emb(input_ids)), rope, mask, valid)
+        hidden = torch.stack([self.norm_f(self.heads[h](x, *rope, mask, valid)[0]) for h in heads])
+        return ModelOutput(hidden=hidden, aux_loss=aux, expert_counts=counts)
 
-    def blocks_and_heads(self, x, cos, sin, mask, valid, kv_cache=None):
-        """Embeddings x (B, T, D) through the trunk and the heads -> ModelOutput (kv_cache: see sample.py)."""
+    def _trunk(self, x, rope, mask, valid, cache=None):
         aux, counts = x.new_zeros(()), []
         for block in self.blocks:
-            x, a, c = block(x, cos, sin, mask, valid, kv_cache)
-            if a is not None:
-                aux, counts = aux + a, counts + [c]
-        hidden = torch.stack([self.norm_f(head(x, cos, sin, mask, valid, kv_cache)[0]) for head in self.heads])
-        counts = torch.stack(counts) if counts else x.new_zeros((0, self.cfg.n_experts))
-        return ModelOutput(hidden=hidden, aux_loss=aux, expert_counts=counts)
+            x, a, c = block(x, *rope, mask, valid, cache)
+            aux, counts = aux + a, counts + [c]
+        return x, aux, torch.cat(counts)
+
+    def _decode(self, ids, cache, heads):
+        """Feed ids (B, T) at positions cache.pos..; a head block that fell behind first catches up on the
+        trunk outputs it missed (one forward over them). One sequence per row, no padding."""
+        B, T = ids.shape
+        start, end = cache.pos, cache.pos + T
+        keys = torch.arange(end, device=ids.device)
+
+        def causal(first):  # queries at positions first..end-1 over keys 0..end-1: (1, 1, Tq, end)
+            return (keys[None, :] <= keys[first:, None])[None, None]
+
+        def rope(first):
+            return self.rope_cos[first:end][None, None], self.rope_sin[first:end][None, None]
+        valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)
+        x, aux, counts = self._trunk(self.tok_emb(ids), rope(start), causal(start), valid, (cache, start))
+        cache.trunk[:, start:end] = x
+        hidden = []
+        for h in heads:
+            first = cache.head_pos[h]  # <= start
+            xh = cache.trunk[:, first:end]
+            out = self.heads[h](xh, *rope(first), causal(first), valid.new_ones(B, end - first), (cache, first))[0]
+            hidden.append(self.norm_f(out[:, -T:]))
+            cache.head_pos[h] = end
+        cache.pos = end
+        return ModelOutput(hidden=torch.stack(hidden), aux_loss=aux, expert_counts=counts)
 
     def logits(self, hidden):
         return hidden @ self.lm_head.weight.t()

@@ -3,24 +3,30 @@
     python sample.py --out_dir=out --prompt="def main(" --max_new_tokens=200
     python sample.py --prompt=FILE:prompt.txt --temperature=0.8 --top_k=50 --num_samples=3
     echo "import os" | python sample.py --prompt=- --speculative=False
+    python sample.py --bench=True        # plain vs speculative greedy on 20 held-out prompts, side by side
 
 Self-speculative decoding (Stern et al. 2018 blockwise parallel decoding; Gloeckle et al. 2024): one
-forward at the last accepted position gives head 1's next token and heads 2..n's drafts of the tokens
-after it. The next forward feeds [next, drafts...] and checks each draft against head 1 at the position
-before it; the longest agreeing prefix is kept (the KV cache is rolled back past the rest), and the
-heads at the last kept position draft again. Greedy output is token-for-token that of plain greedy
-decoding; with sampling, drafts pass the standard speculative-sampling test (Leviathan et al. 2023), so
-the output keeps head 1's distribution. Text goes to stdout as it comes; statistics go to stderr.
+forward at the last accepted position gives head 1's next token and heads 2..d+1's drafts of the tokens
+after it. The next forward feeds [next, drafts...]; head 1 at each fed position judges the draft after it,
+the longest agreeing prefix is kept (the KV cache is rolled back past the rest), and the heads at the last
+kept position draft again. A verify pass computes only the logits it needs: head 1 at the fed positions,
+the drafting heads at the last kept one. Greedy output is token-for-token that of plain greedy decoding;
+with sampling, drafts pass the speculative-sampling test (Leviathan et al. 2023), so the output keeps head
+1's distribution. How many drafts to compute (0 is plain decoding) is decided as it goes (DraftPolicy):
+from this sample's acceptance and the measured time of each kind of forward, so that a model whose drafts
+fail costs no more than plain decoding. Text goes to stdout as it comes; statistics go to stderr.
 """
 import codecs
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from data import EOT, GPT2_VOCAB, get_tokenizer
-from model import Model, ModelConfig
-from train import MODEL_FIELDS, find_resume, parse_config
+from data import EOT, GPT2_VOCAB, Corpus, get_tokenizer
+from model import KVCache, Model, ModelConfig
+from train import MODEL_FIELDS, find_resume, parse_config, resolve_device
 
 DEFAULTS = dict(
     out_dir="out",  # where train.py wrote its checkpoints
@@ -33,40 +39,10 @@ DEFAULTS = dict(
     top_p=1.0,  # nucleus sampling; 1.0 = off
     seed=1337,
     speculative=True,  # draft with heads 2..n; also times plain decoding on the same prompt for the speedup
+    bench=False,  # measure plain vs speculative greedy decoding on held-out prompts instead of sampling
+    bench_prompts=20,  # bench: prompts, the first tokens of this many held-out documents
     device="auto",
 )
-
-
-class KVCache:
-    """Keys and values of every attention module (trunk and heads), preallocated to max_len positions.
-    `pos` is the number of valid positions; rolling back is setting pos lower."""
-
-    def __init__(self, model, batch, max_len):
-        cfg = model.cfg
-        kv, hd = cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
-        p = next(model.parameters())
-        self.store = {}
-        for block in list(model.blocks) + list(model.heads):
-            self.store[block.attn] = (p.new_zeros(batch, kv, max_len, hd), p.new_zeros(batch, kv, max_len, hd))
-        self.pos = 0
-
-    def update(self, attn, k, v):
-        K, V = self.store[attn]
-        T = k.shape[2]
-        K[:, :, self.pos:self.pos + T], V[:, :, self.pos:self.pos + T] = k, v
-        return K[:, :, :self.pos + T], V[:, :, :self.pos + T]
-
-
-@torch.no_grad()
-def decode(model, ids, cache):
-    """Feed new tokens (B, T) at positions cache.pos, ...; -> hidden (n_predict, B, T, D). One document."""
-    T = ids.shape[1]
-    pos = cache.pos + torch.arange(T, device=ids.device)
-    mask = (torch.arange(cache.pos + T, device=ids.device)[None, :] <= pos[:, None])[None, None]  # (1, 1, T, L)
-    cos, sin = model.rope_cos[pos][None, None], model.rope_sin[pos][None, None]
-    out = model.blocks_and_heads(model.tok_emb(ids), cos, sin, mask, torch.ones_like(ids, dtype=torch.bool), cache)
-    cache.pos += T
-    return out.hidden
 
 
 def probs_from(logits, temperature, top_k, top_p):
@@ -89,9 +65,61 @@ def probs_from(logits, temperature, top_k, top_p):
 
 
 def pick(probs, gen):
+    """A token from probs (V,). Random draws happen on the CPU, on purpose: the token is read by the host
+    anyway, one CPU generator serves every device, and a seed gives the same draws on a CPU and a GPU."""
     if gen is None:  # greedy (temperature 0): probs is one-hot
-        return probs.argmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[..., 0]
+        return int(probs.argmax(-1))
+    return int(torch.multinomial(probs.to("cpu", torch.float32), 1, generator=gen))
+
+
+class DraftPolicy:
+    """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks
+    the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
+    sample's acceptance a_j of draft j given the ones before it (Beta(1, 1) prior), over the measured
+    seconds of forwards computing d drafts (a running mean; unmeasured ones interpolated between d = 0 and
+    d = n_drafts, which are measured first). While plain decoding wins, one probe with drafts runs after 8,
+    16, 32, ... plain forwards, so acceptance that improves later in a text is noticed. With sampling the
+    drafts change which random numbers are drawn, so there the decisions must not depend on the clock, or a
+    seed would not reproduce a sample: the cost of d drafts is then taken as (1 + d / n_drafts) plain forwards,
+    about what the CPU measures for the default model."""
+
+    def __init__(self, n_drafts, clock=True):
+        self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
+        self.sec = [None] * (n_drafts + 1) if clock else [1 + d / max(n_drafts, 1) for d in range(n_drafts + 1)]
+        self.plain_run, self.probe_after = 0, 8
+
+    def record(self, depth, accepted):
+        self.tries[depth] += 1
+        self.hits[depth] += accepted
+
+    def timed(self, d, seconds):
+        if self.clock:
+            self.sec[d] = seconds if self.sec[d] is None else 0.8 * self.sec[d] + 0.2 * seconds
+
+    def expected_tokens(self, d):
+        p, e = 1.0, 1.0
+        for j in range(d):
+            p *= (self.hits[j] + 1) / (self.tries[j] + 2)
+            e += p
+        return e
+
+    def choose(self):
+        if self.n == 0:
+            return 0
+        for d in (self.n, 0):  # measure both ends first
+            if self.sec[d] is None:
+                return d
+        lo, hi = self.sec[0], self.sec[self.n]
+        cost = [s if s is not None else lo + (hi - lo) * d / self.n for d, s in enumerate(self.sec)]
+        best = max(range(self.n + 1), key=lambda d: self.expected_tokens(d) / cost[d])
+        if best > 0:
+            self.plain_run, self.probe_after = 0, 8
+            return best
+        self.plain_run += 1
+        if self.plain_run >= self.probe_after:  # a probe: drafts again, once
+            self.plain_run, self.probe_after = 0, min(2 * self.probe_after, 512)
+            return max(range(1, self.n + 1), key=lambda d: self.expected_tokens(d) / cost[d])
+        return 0
 
 
 @torch.no_grad()
@@ -108,12 +136,10 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     dist = lambda logits: probs_from(logits, temperature, top_k, top_p)
     gen = None if temperature == 0 else (gen or torch.Generator().manual_seed(0))
     dev = next(model.parameters()).device
-    cache = KVCache(model, 1, seq_len + n)
-    heads = n if speculative else 1  # plain decoding needs head 1 only
-    # logits of the heads at the last position; the unembedding is the costliest read of a small model,
-    # so each forward computes every logit it may need in one matmul
-    logits = model.logits(decode(model, torch.tensor([prompt], device=dev), cache)[:heads, 0, -1])
-    out, forwards, t0 = [], 1, time.time()
+    cache = KVCache(model, seq_len)
+    policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None)
+    out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
+    d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
 
     def emit(tok):
         out.append(tok)
@@ -121,44 +147,44 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
             on_token(tok)
         return tok == EOT or len(out) >= budget
 
-    forced = None  # after a rejected draft (sampling): the token drawn from the residual distribution
     while True:
-        q = dist(logits)  # (heads, V): head 1's next token, heads 2..n's drafts of the tokens after it
-        nxt = forced if forced is not None else int(pick(q[0], gen))
-        forced = None
-        if emit(nxt):
-            break
-        if heads == 1:
-            logits = model.logits(decode(model, torch.tensor([[nxt]], device=dev), cache)[:1, 0, -1])
-            forwards += 1
-            continue
-        drafts = [int(pick(q[k], gen)) for k in range(1, n)][:budget - len(out)]
-        start = cache.pos
-        all_logits = model.logits(decode(model, torch.tensor([[nxt] + drafts], device=dev), cache)[:, 0])  # (n, 1+d, V)
+        t_fwd, start = time.time(), cache.pos
+        hidden = model(torch.tensor([feed], device=dev), kv_cache=cache, heads=range(1 + d)).hidden[:, 0]  # (1+d, T, D)
         forwards += 1
-        p = dist(all_logits[0])  # p[i]: head 1 after fed position i, the judge of drafts[i]
-        kept, stop = 0, False
-        for i, d in enumerate(drafts):
-            if temperature == 0:
-                ok = bool(p[i, d] == 1.0)
+        base = len(feed) - 1 - len(drafts)  # fed index of the token before the first draft
+        p = dist(model.logits(hidden[0, base:]))  # head 1 there and at each draft: p[i] judges drafts[i]
+        kept, forced, done = 0, None, False
+        for i, draft in enumerate(drafts):  # q[i]: the distribution drafts[i] was drawn from
+            if gen is None:
+                ok = int(p[i].argmax()) == draft
             else:
-                ok = torch.rand((), generator=gen).item() * q[i + 1, d].item() < p[i, d].item()  # min(1, p/q)
+                ok = torch.rand((), generator=gen).item() * q[i, draft].item() < p[i, draft].item()  # min(1, p/q)
+            policy.record(i, ok)
             if not ok:
-                if temperature > 0:
-                    residual = (p[i] - q[i + 1]).clamp(min=0)
-                    forced = int(pick(residual / residual.sum() if residual.sum() > 0 else p[i], gen))
+                if gen is not None:
+                    residual = (p[i] - q[i]).clamp(min=0)
+                    forced = pick(residual / residual.sum() if residual.sum() > 0 else p[i], gen)
                 break
             kept += 1
-            if emit(d):
-                stop = True
+            if emit(draft):
+                done = True
                 break
-        if stop:
+        fed, accepted = fed + len(drafts), accepted + kept
+        if done or emit(forced if forced is not None else pick(p[kept], gen)):
             break
-        cache.pos = start + 1 + kept  # drop the cache entries of rejected drafts
-        logits = all_logits[:, kept]  # the heads at the last kept position draft again
+        cache.truncate(start + len(feed) - len(drafts) + kept)  # drop the rejected drafts' keys and values
+        room = min(budget - len(out), seq_len - cache.pos) - 1  # drafts fed next must fit the budget and context
+        drafts, q = [], None
+        if d > 0 and room > 0:  # the drafting heads at the last kept position
+            q = dist(model.logits(hidden[1:1 + room, base + kept]))
+            drafts = [pick(q[j], gen) for j in range(len(q))]
+        feed = [out[-1]] + drafts
+        if forwards > 1:  # the prompt's forward is not a decoding step
+            policy.timed(d, time.time() - t_fwd)
+        d = policy.choose()
     dt = time.time() - t0
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),
-                     tokens_per_forward=len(out) / forwards)
+                     tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted)
 
 
 def load_model(out_dir, ckpt, device):
@@ -168,23 +194,72 @@ def load_model(out_dir, ckpt, device):
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path}: not a model checkpoint of this train.py ({type(e).__name__}: {e})")
-    return model.to(device).eval(), path, state["step"]
+    return model.to(device).eval(), path, state
 
 
-def main(c):
-    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, path, step = load_model(c["out_dir"], c["ckpt"], device)
-    text = c["prompt"]
+def check_settings(c):
+    for k, ok, expected in (("max_new_tokens", c["max_new_tokens"] >= 1, ">= 1"), ("num_samples", c["num_samples"] >= 1, ">= 1"),
+                            ("temperature", c["temperature"] >= 0, ">= 0 (0 is greedy)"), ("top_k", c["top_k"] >= 0, ">= 0"),
+                            ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"), ("bench_prompts", c["bench_prompts"] >= 1, ">= 1")):
+        if not ok:
+            raise ValueError(f"{k}={c[k]}, expected {expected}")
+
+
+def read_prompt(text):
     if text == "-":
         text = sys.stdin.read()
     elif text.startswith("FILE:"):
-        text = open(text[5:], encoding="utf-8").read()
+        try:
+            text = Path(text[5:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt=FILE:{text[5:]}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     if not text:
         raise ValueError("empty prompt: pass --prompt=TEXT, --prompt=FILE:path or --prompt=- with text on stdin")
+    return text
+
+
+def bench(model, state, c, prompt_len=32):
+    """Plain vs speculative greedy decoding on the first prompt_len tokens of held-out documents (the same set
+    every time: the checkpoint's own validation split), one after the other per prompt, so drift hits both."""
+    cfg = state["config"]
+    corpus = Corpus(cfg["data"], cache_dir=cfg.get("cache_dir") or None, quiet=True)
+    docs = [d for d in corpus.split("val", cfg["val_fraction"]) if corpus.length[d] > prompt_len][:c["bench_prompts"]]
+    if len(docs) < c["bench_prompts"]:
+        raise ValueError(f"bench: {len(docs)} held-out documents longer than {prompt_len} tokens, {c['bench_prompts']} asked")
+    generate(model, corpus.tokens(docs[0], 0, prompt_len).tolist(), 8, speculative=True)  # warm-up
+    rows = []
+    for d in docs:
+        prompt = corpus.tokens(d, 0, prompt_len).tolist()
+        plain_ids, plain = generate(model, prompt, c["max_new_tokens"])
+        spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True)
+        if spec_ids != plain_ids:
+            raise RuntimeError(f"document {d}: speculative greedy output differs from plain greedy")
+        rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"], spec["tokens"]))
+    q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    speedups = [s / p for p, s, _, _ in rows]
+    lo, med, hi = q(speedups)
+    print(f"{len(rows)} held-out prompts of {prompt_len} tokens, up to {c['max_new_tokens']} new tokens, greedy; "
+          f"speculative output identical to plain on every prompt", file=sys.stderr)
+    print(f"plain decoding: {statistics.median(r[0] for r in rows):.1f} tokens/s (median); speculative: "
+          f"{statistics.median(r[1] for r in rows):.1f} tokens/s, {statistics.median(r[2] for r in rows):.2f} tokens "
+          f"per forward (median)", file=sys.stderr)
+    print(f"speedup: median {med:.2f}x, quartiles {lo:.2f}-{hi:.2f}x, range {min(speedups):.2f}-{max(speedups):.2f}x",
+          file=sys.stderr)
+    return dict(speedup_median=med, speedup_quartiles=(lo, hi), tokens_per_forward=statistics.median(r[2] for r in rows))
+
+
+def main(c):
+    check_settings(c)
+    device = resolve_device(c["device"])
+    text = None if c["bench"] else read_prompt(c["prompt"])  # user errors first, before the model loads
+    model, path, state = load_model(c["out_dir"], c["ckpt"], device)
+    print(f"loaded {path} (step {state['step']})", file=sys.stderr)
+    if c["bench"]:
+        return bench(model, state, c)
     enc = get_tokenizer()
     prompt = [EOT] + enc.encode_ordinary(text)  # EOT begins every document, as in training
-    print(f"loaded {path} (step {step}); prompt {len(prompt)} tokens", file=sys.stderr)
-    gen = torch.Generator(device="cpu").manual_seed(c["seed"])
+    print(f"prompt {len(prompt)} tokens", file=sys.stderr)
+    gen = torch.Generator().manual_seed(c["seed"])
     for s in range(c["num_samples"]):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sys.stdout.write(text)
@@ -195,8 +270,9 @@ def main(c):
         msg = f"sample {s + 1}: {stats['tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s"
         if c["speculative"]:
             plain_ids, plain = generate(*args, gen=torch.Generator().manual_seed(c["seed"] + s), speculative=False)
-            msg += (f", {stats['tokens_per_forward']:.2f} tokens per forward; plain decoding "
-                    f"{plain['tokens_per_s']:.1f} tokens/s: speedup {stats['tokens_per_s'] / plain['tokens_per_s']:.2f}x")
+            msg += (f", {stats['tokens_per_forward']:.2f} tokens per forward ({stats['drafts_accepted']} of "
+                    f"{stats['drafts_fed']} drafts accepted); plain decoding {plain['tokens_per_s']:.1f} tokens/s: "
+                    f"speedup {stats['tokens_per_s'] / plain['tokens_per_s']:.2f}x")
             if c["temperature"] == 0:
                 msg += f"; identical to plain greedy: {plain_ids == ids}"
         print(msg, file=sys.stderr)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EOT, pack
-from loss import IGNORE, count_targets, mtp_loss, mtp_loss_reference, mtp_targets
+from loss import IGNORE, ModelWithLoss, count_targets, head_agreement, mtp_loss, mtp_loss_reference, mtp_targets
 
 A1, A2, B1, B2 = 11, 12, 21, 22
 X = IGNORE
@@ -92,7 +92,7 @@ def test_grad_scale_keeps_one_weight_gradient_and_checks_it():
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, factor * b, rtol=1e-12, atol=1e-12)
     sums, _ = mtp_loss(h, w, tgt, grad_scale=scale)
-    with pytest.raises(ValueError, match="not proportional"):  # weighing the heads otherwise is refused
+    with pytest.raises(RuntimeError, match="not proportional to grad_scale"):  # weighing the heads otherwise is refused
         torch.autograd.grad(sums.sum(), (h, w))
 
 
@@ -130,3 +130,52 @@ def test_compiled_equals_eager():
             ref = (sums, gh, gw)
     for a, b in zip((sums, gh, gw), ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_precision_under_autocast():
+    # the chunk matmuls run in autocast's dtype (bf16 products), the softmax and the sums in float32
+    h, w, tgt = random_case(4, K=2, B=2, T=16, D=32, V=300)
+    h, w = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, _ = mtp_loss(h, w, tgt, chunk_rows=7)
+        gh, gw = torch.autograd.grad(sums.sum(), (h, w))
+    assert sums.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float32
+    logits = (h.bfloat16() @ w.bfloat16().t()).float()  # the reference: bf16 products, float32 from there on
+    ref = torch.stack([F.cross_entropy(logits[k].flatten(0, 1), tgt[k].flatten(), ignore_index=IGNORE, reduction="sum")
+                       for k in range(2)])
+    torch.testing.assert_close(sums, ref, rtol=1e-5, atol=1e-4)
+    rh, rw = torch.autograd.grad(ref.sum(), (h, w))
+    torch.testing.assert_close(gh, rh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=1e-2)  # ours accumulates chunks in float32: closer to exact
+    full, _ = mtp_loss(h.detach(), w.detach(), tgt)  # float32 all the way differs: the bf16 path was taken
+    assert not torch.allclose(sums, full, rtol=1e-6, atol=0)
+
+
+def test_head_agreement_by_hand():
+    # one document [1 2 3 4 5] then padding; the heads' greedy tokens are written out
+    ids = torch.tensor([[1, 2, 3, 4, 5, 0]])
+    docs = torch.tensor([[0, 0, 0, 0, 0, -1]], dtype=torch.int32)
+    tgt = mtp_targets(ids, docs, 3)  # head 1 [2 3 4 5 X X], head 2 [3 4 5 X X X], head 3 [4 5 X X X X]
+    preds = torch.tensor([[2, 9, 4, 5, 7, 7], [3, 4, 8, 6, 7, 7], [9, 5, 1, 1, 7, 7]])[:, None]
+    a = head_agreement(preds, tgt)
+    assert a["correct"].tolist() == [3, 2, 1] and a["valid"].tolist() == [4, 3, 2]  # accuracy 3/4, 2/3, 1/2
+    # head 2's draft at t vs head 1 at t+1, t = 0..3: (3 vs 9) (4 vs 4) (8 vs 5) (6 vs 7) -> 1 of 4
+    # head 3's draft at t vs head 1 at t+2, t = 0..2: (9 vs 4) (5 vs 5) (1 vs 7) -> 1 of 3
+    assert a["accepted"].tolist() == [1, 1] and a["judged"].tolist() == [4, 3]
+    # tokens per forward at t = 0..3: 1 + (0, 2, 0, 0) consecutive accepted drafts -> 6 / 4 = 1.5
+    assert a["run"].tolist() == [6] and a["positions"].tolist() == [4]
+
+
+def test_model_with_loss_is_the_glue_written_out():
+    from model import Model, ModelConfig
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=64, seq_len=32, n_layer=1, n_head=2, n_embd=16, n_experts=4, n_predict=3)).double()
+    batch = pack([[EOT % 64] + list(range(1, 12)) + [EOT % 64], [EOT % 64, 5, 6, 7, EOT % 64]], 32)
+    batch["input_ids"] %= 64
+    out = ModelWithLoss(model)(batch, heads=[0, 2])
+    h = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"]).hidden
+    sums, counts = mtp_loss_reference(h[[0, 2]], model.lm_head.weight, mtp_targets(batch["input_ids"], batch["doc_ids"], 3)[[0, 2]])
+    torch.testing.assert_close(out.sums, sums, rtol=1e-12, atol=1e-12)
+    assert out.counts.tolist() == counts.tolist() == [18 - 2 * 1, 18 - 2 * 3]  # documents of 13 and 5: sum of len - k
+    ev = ModelWithLoss(model)(batch, predict=True)
+    assert ev.preds.shape == (3, 1, 32) and torch.equal(ev.preds[0], model.logits(h[0]).argmax(-1))

@@ -27,8 +27,9 @@ def make_model(seed=0):
 
 
 def make_docs(lengths, seed=0):
+    """Documents [EOT] + tokens + [EOT] of the given total lengths (>= 2)."""
     g = torch.Generator().manual_seed(seed)
-    return [[EOT % V] + torch.randint(0, V, (n - 1,), generator=g).tolist() for n in lengths]
+    return [[EOT % V] + torch.randint(0, V, (n - 2,), generator=g).tolist() + [EOT % V] for n in lengths]
 
 
 def layout(rows, T):
@@ -102,21 +103,42 @@ def test_documents_are_isolated():
 
 
 def test_each_head_shift_by_hand():
-    """each head's shift is right: a hand-written row [EOT A1 A2 EOT B1 B2 pad pad] has exactly the targets written out"""
+    """each head's shift is right: a hand-written row [EOT A1 A2 EOT | EOT B1 B2 EOT | pad pad] has exactly the targets written out"""
     A1, A2, B1, B2, X = 11, 12, 21, 22, IGNORE
-    ids = torch.tensor([[EOT, A1, A2, EOT, B1, B2, EOT, EOT]])
-    docs = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1]], dtype=torch.int32)
-    expected = [[A1, A2, X, B1, B2, X, X, X],  # head 1 predicts t+1
-                [A2, X, X, B2, X, X, X, X],    # head 2 predicts t+2
-                [X] * 8, [X] * 8]              # heads 3, 4: no document is long enough
+    ids = torch.tensor([[EOT, A1, A2, EOT, EOT, B1, B2, EOT, EOT, EOT]])
+    docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1, -1]], dtype=torch.int32)
+    expected = [[A1, A2, EOT, X, B1, B2, EOT, X, X, X],  # head 1 predicts t+1: each document's closing EOT
+                [A2, EOT, X, X, B2, EOT, X, X, X, X],    # head 2 predicts t+2
+                [EOT, X, X, X, EOT, X, X, X, X, X],      # head 3 predicts t+3: the closing EOT from the opening one
+                [X] * 10]                                # head 4: no document is long enough
     assert mtp_targets(ids, docs, 4)[:, 0].tolist() == expected
 
 
+def test_a_document_end_is_learned():
+    """a document's closing EOT is a target of every head that reaches it; the next document's opening EOT never is"""
+    model = make_model()
+    docs = make_docs([9, 7])
+    batch = layout([docs], 16)
+    tgt = mtp_targets(batch["input_ids"], batch["doc_ids"], N_PREDICT)
+    closing, opening = 8, 9  # positions in the row: document A is 0..8, B is 9..15
+    for k in range(1, N_PREDICT + 1):
+        assert tgt[k - 1, 0, closing - k] == EOT % V  # head k learns A's end k positions before it
+        assert tgt[k - 1, 0, opening - k] == IGNORE  # ... never B's opening EOT
+        assert (tgt[k - 1, 0, :opening] != IGNORE).sum() == 9 - k  # ... nor anything else of B
+    # and the end of A gets a gradient: the loss moves when the model is told A goes on (closing id changed)
+    out = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
+    s1, _ = mtp_loss(out.hidden, model.lm_head.weight, tgt)
+    tgt2 = tgt.clone()
+    tgt2[tgt == EOT % V] = 5
+    s2, _ = mtp_loss(out.hidden, model.lm_head.weight, tgt2)
+    assert (s1 != s2).all()
+
+
 def test_each_head_count_closed_form():
-    """each head's count is the sum over documents of max(0, length - k)"""
+    """each head's count is the sum over documents (chunks of at most T) of max(0, length - k), both EOTs counted"""
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
-        lengths = torch.randint(1, 40, (9,), generator=g).tolist()
+        lengths = torch.randint(2, 40, (9,), generator=g).tolist()
         batch = pack(make_docs(lengths, seed), 16)  # long documents are cut into chunks of <= 16
         chunks = [min(16, n - i) for n in lengths for i in range(0, n, 16)]
         expected = [sum(max(0, n - k) for n in chunks) for k in range(1, N_PREDICT + 1)]
@@ -153,7 +175,7 @@ def accumulated_grads(model, micro_batches, normalize_per_micro_batch=False):
 def test_accumulation_does_not_change_the_math():
     """accumulation does not change the math: 8 rows at once equal 4 micro-batches of 2 rows with uneven padding"""
     model = make_model()
-    docs = make_docs([30, 3, 25, 9, 4, 31, 12, 2, 20, 6, 1, 28], seed=3)
+    docs = make_docs([30, 3, 25, 9, 4, 31, 12, 2, 20, 6, 2, 28], seed=3)
     rows = [[docs[0]], [docs[1]], [docs[2], docs[11][:5]], [docs[3], docs[4]], [docs[5]], [docs[6], docs[7]],
             [docs[8], docs[9], docs[10]], [docs[11]]]
     batch = layout(rows, 32)

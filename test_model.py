@@ -84,14 +84,58 @@ def test_padding_ids_change_nothing():
     assert torch.equal(o1.expert_counts, o2.expert_counts)
 
 
-def test_attention_mask_only_derives_one_document_per_row():
+def test_attention_mask_only_means_one_document_per_row():
+    # a plain padded batch (the setting of the original bug report): each row's real tokens are one document,
+    # so they must equal that row run alone, unpadded, as a plain sequence
     model = make()
     b, _ = docs_batch([12, 20], 20)  # two rows: one full, one with padding
     mask = b["attention_mask"]
-    one_doc = torch.where(mask, 0, -1).int()
-    h1 = model(b["input_ids"], attention_mask=mask).hidden
-    h2 = model(b["input_ids"], doc_ids=one_doc, position_ids=b["position_ids"]).hidden
-    torch.testing.assert_close(h1[:, mask], h2[:, mask], rtol=1e-12, atol=1e-12)
+    h = model(b["input_ids"], attention_mask=mask).hidden
+    for row in range(2):
+        n = int(mask[row].sum())
+        alone = model(b["input_ids"][row:row + 1, :n]).hidden
+        torch.testing.assert_close(h[:, row, :n], alone[:, 0], rtol=1e-12, atol=1e-12)
+
+
+def test_heads_subset_equals_the_full_run():
+    model = make()
+    b, _ = docs_batch([10, 7, 9], 32)
+    full, part = run(model, b), model(**b, heads=[0, 2])
+    assert part.hidden.shape[0] == 2
+    torch.testing.assert_close(part.hidden, full.hidden[[0, 2]], rtol=0, atol=0)
+    assert model.flops_per_token(n_heads=1) < model.flops_per_token(n_heads=2) < model.flops_per_token()
+    cfg = model.cfg  # by hand: one head fewer drops one unembedding and one head block (and its attention)
+    head_block = sum(p.numel() for p in model.heads[0].parameters())
+    drop = 6 * (cfg.vocab_size * cfg.n_embd + head_block) + 12 * cfg.n_embd * cfg.seq_len
+    assert model.flops_per_token() - model.flops_per_token(n_heads=2) == drop
+
+
+def test_routing_is_float32_under_autocast():
+    # top-k on bf16 router logits flips choices between nearly tied experts: routing must stay float32
+    torch.manual_seed(0)
+    moe = make(dtype=torch.float32, n_embd=64, n_experts=8).blocks[0].ffn
+    x = torch.randn(4096, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _, idx, gate = moe.route(x)
+        _, _, counts_bf16 = moe(x[None], torch.ones(1, 4096, dtype=torch.bool))
+    ref_logits, _, ref_idx, _ = moe.route(x)
+    _, _, ref_counts = moe(x[None], torch.ones(1, 4096, dtype=torch.bool))
+    assert logits.dtype == gate.dtype == torch.float32
+    assert torch.equal(idx, ref_idx) and torch.equal(counts_bf16, ref_counts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # negative control: what autocast would have done
+        bf16_idx = torch.topk((x @ moe.router.weight.t()).float().softmax(-1), 2).indices
+    assert not torch.equal(bf16_idx, ref_idx)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_learns_from_the_language_model_loss(top_k):
+    # Switch Transformer keeps the raw probability as the gate of a single expert; a renormalized gate is 1.0
+    model = make(top_k=top_k, aux_loss_coef=0.0, z_loss_coef=0.0)
+    b, _ = docs_batch([10, 7, 9], 32)
+    out = run(model, b)
+    sums, _ = mtp_loss(out.hidden, model.lm_head.weight, mtp_targets(b["input_ids"], b["doc_ids"], 3))
+    (g,) = torch.autograd.grad(sums.sum(), [model.blocks[0].ffn.router.weight])
+    assert g.abs().max() > 1e-6
 
 
 def test_flex_attention_equals_sdpa():

@@ -1,6 +1,9 @@
-"""Tests of sample.py: KV-cache decoding equals recomputing the sequence; greedy speculative decoding is
-token-for-token plain greedy decoding (on a model trained until its heads agree, so drafts are accepted);
-speculative sampling keeps head 1's distribution; fixed seeds reproduce; the command line end to end."""
+"""Tests of sample.py and of the model's decoding entry point: KV-cache decoding equals recomputing the sequence
+(head blocks that fall behind catch up exactly); greedy speculative decoding is token-for-token plain greedy
+decoding (on a model trained until its heads agree, so drafts are accepted); a verify pass computes only the
+logits it needs; on a model whose drafts fail, drafting stops; speculative sampling keeps head 1's
+distribution; fixed seeds reproduce; the command line end to end, and its user errors."""
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import sample
 from loss import mtp_loss, mtp_targets
-from model import Model, ModelConfig
-from sample import KVCache, decode, generate, probs_from
+from model import KVCache, Model, ModelConfig
+from sample import DraftPolicy, generate, probs_from
 
 V = 16
 HERE = Path(__file__).parent
@@ -44,17 +48,35 @@ def test_kv_cache_equals_recomputing():
     model = tiny().eval()
     ids = torch.randint(0, V, (1, 20))
     full = model(ids).hidden[:, 0]  # (n_predict, T, D)
-    cache = KVCache(model, 1, 64)
-    parts = [decode(model, ids[:, :7], cache)[:, 0]]  # prompt, then one token at a time, then a chunk
+    cache = KVCache(model, 64)
+    parts = [model(ids[:, :7], kv_cache=cache).hidden[:, 0]]  # prompt, then one token at a time, then a chunk
     for t in range(7, 12):
-        parts.append(decode(model, ids[:, t:t + 1], cache)[:, 0])
-    parts.append(decode(model, ids[:, 12:20], cache)[:, 0])
+        parts.append(model(ids[:, t:t + 1], kv_cache=cache).hidden[:, 0])
+    parts.append(model(ids[:, 12:20], kv_cache=cache).hidden[:, 0])
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
-    cache.pos = 10  # roll back and feed other tokens: must equal the recomputed other sequence
+    cache.truncate(10)  # roll back and feed other tokens: must equal the recomputed other sequence
     other = ids.clone()
     other[:, 10:] = (other[:, 10:] + 3) % V
-    h = decode(model, other[:, 10:], cache)[:, 0]
+    h = model(other[:, 10:], kv_cache=cache).hidden[:, 0]
     torch.testing.assert_close(h, model(other).hidden[:, 0, 10:], rtol=1e-10, atol=1e-10)
+
+
+def test_skipped_heads_catch_up_exactly():
+    # plain decoding runs head 1 only; when drafting resumes, heads 2..4 must first see what they missed
+    model = tiny().eval()
+    ids = torch.randint(0, V, (1, 24))
+    full = model(ids).hidden[:, 0]
+    cache = KVCache(model, 64)
+    model(ids[:, :5], kv_cache=cache)
+    for t in range(5, 12):
+        h1 = model(ids[:, t:t + 1], kv_cache=cache, heads=[0]).hidden[:, 0]
+        torch.testing.assert_close(h1, full[:1, t:t + 1], rtol=1e-10, atol=1e-10)
+    assert cache.head_pos == [12, 5, 5, 5]
+    h = model(ids[:, 12:15], kv_cache=cache, heads=[0, 2]).hidden[:, 0]  # head 3 catches up, head 2 still behind
+    torch.testing.assert_close(h, full[[0, 2], 12:15], rtol=1e-10, atol=1e-10)
+    cache.truncate(13)  # a rollback also rolls back the heads that were ahead of it
+    h = model(ids[:, 13:24], kv_cache=cache).hidden[:, 0]
+    torch.testing.assert_close(h, full[:, 13:24], rtol=1e-10, atol=1e-10)
 
 
 def test_greedy_speculative_equals_plain(cyclic_model):
@@ -72,6 +94,49 @@ def test_greedy_speculative_equals_plain(cyclic_model):
     assert generate(random_model, prompt, 30, speculative=True)[0] == generate(random_model, prompt, 30)[0]
 
 
+def test_verify_pass_computes_only_the_logits_it_needs(cyclic_model, monkeypatch):
+    model, _ = cyclic_model
+    rows = []
+    real = Model.logits
+    monkeypatch.setattr(Model, "logits", lambda self, h: rows.append(h.shape[:-1].numel()) or real(self, h))
+    monkeypatch.setattr(DraftPolicy, "choose", lambda self: self.n)  # always all drafts
+    _, stats = generate(model, [3, 1, 4], 40, speculative=True)
+    n = model.cfg.n_predict
+    # per forward: head 1 at the fed token and its drafts (1 + d rows), the drafting heads at one position (d)
+    assert max(rows) <= n and sum(rows) <= stats["forwards"] * (2 * n - 1)
+    assert sum(rows) < stats["forwards"] * n * n  # the old way: every head at every fed position
+
+
+def test_drafting_stops_when_drafts_fail(cyclic_model):
+    policy = DraftPolicy(3)
+    assert policy.choose() == 3
+    policy.timed(3, 2.0)
+    assert policy.choose() == 0
+    policy.timed(0, 1.0)
+    for _ in range(20):
+        policy.record(0, False)  # the first draft always fails: 1 token per forward at twice the cost
+    choices = [policy.choose() for _ in range(40)]
+    assert choices.count(0) >= 36 and 0 < sum(1 for d in choices if d) <= 4  # plain, with rare probes
+    good = DraftPolicy(3)
+    good.timed(3, 2.0)
+    good.timed(0, 1.0)
+    for j in range(3):
+        for _ in range(20):
+            good.record(j, True)
+    assert good.choose() == 3  # drafts that hold: about 4 tokens for twice the cost
+    # end to end: heads 2..4 re-initialized, so drafts are random guesses: they fail, the sample decodes plainly
+    # (sampling: the policy's costs are then fixed, not measured, so the test does not depend on the clock)
+    model = copy.deepcopy(cyclic_model[0])
+    torch.manual_seed(5)
+    for head in model.heads[1:]:
+        for p in head.parameters():
+            torch.nn.init.normal_(p, 0.0, 1.0)
+    run = lambda m: generate(m, [3, 1, 4], 60, temperature=0.5, gen=torch.Generator().manual_seed(0), speculative=True)[1]
+    stats, good = run(model), run(cyclic_model[0])
+    assert stats["drafts_accepted"] < 0.2 * stats["drafts_fed"] and good["drafts_accepted"] > 0.5 * good["drafts_fed"]
+    assert stats["drafts_fed"] < 0.5 * stats["tokens"], stats  # 3 per forward if it never stopped drafting
+
+
 def test_sampling_is_reproducible(cyclic_model):
     for model in (cyclic_model[0], tiny(seed=2).eval()):  # a trained and a random (flat) model
         run = lambda seed, spec: generate(model, [3, 1], 30, temperature=1.5, top_k=8, top_p=0.95,
@@ -81,8 +146,20 @@ def test_sampling_is_reproducible(cyclic_model):
     assert run(5, True) != run(6, True)  # the random model: the seed matters
 
 
-def test_speculative_sampling_keeps_head_1_distribution(cyclic_model):
+def test_draws_happen_on_the_cpu_generator(monkeypatch):
+    # on a GPU the probabilities live there; the draw must use a generator of the same device: we draw on the CPU
+    seen = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n, generator: seen.append((p.device, generator.device))
+                        or real(p, n, generator=generator))
+    probs = torch.softmax(torch.randn(V, dtype=torch.float64), -1)
+    assert 0 <= sample.pick(probs, torch.Generator().manual_seed(0)) < V
+    assert seen == [(torch.device("cpu"), torch.device("cpu"))]
+
+
+def test_speculative_sampling_keeps_head_1_distribution(cyclic_model, monkeypatch):
     model, _ = cyclic_model
+    monkeypatch.setattr(DraftPolicy, "choose", lambda self: self.n)  # always draft: the test is about acceptance
     prompt, temp, n = [3, 1, 4], 2.0, 3000
     with torch.no_grad():  # exact distribution of the 2nd generated token under head 1 alone
         p1 = probs_from(model.logits(model(torch.tensor([prompt])).hidden[0, 0, -1]), temp, 0, 1.0)
@@ -123,8 +200,19 @@ def test_cli_end_to_end(trained_dir):
     assert r.returncode == 2 and "no good checkpoint" in r.stderr
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("--temperature=-1", "temperature=-1.0, expected >= 0"), ("--top_p=-0.5", "top_p=-0.5, expected in (0, 1]"),
+    ("--max_new_tokens=0", "max_new_tokens=0, expected >= 1"), ("--num_samples=0", "num_samples=0, expected >= 1"),
+    ("--top_k=-3", "top_k=-3, expected >= 0"), ("--prompt=FILE:/nonexistent/p.txt", "FILE:/nonexistent/p.txt: cannot read"),
+    ("--device=foo", "device='foo', expected"), ("--device=mps", "device='mps', expected"),
+    ("--temp=1", "unknown setting 'temp'; did you mean temperature")])
+def test_cli_user_errors_are_one_line(trained_dir, arg, message):
+    r = sample_cli(f"--out_dir={trained_dir}", arg)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_cli_incompatible_checkpoint(tmp_path):
     import train
-    train.save_checkpoint(tmp_path, 1, dict(model={"w": torch.zeros(3)}, step=1, config={"n_embd": 8}), None, keep=1)
+    train.save_checkpoint(tmp_path, 1, dict(model={"w": torch.zeros(3)}, step=1, config={"n_embd": 8}, run="x"), keep=1)
     r = sample_cli(f"--out_dir={tmp_path}")
     assert r.returncode == 2 and "not a model checkpoint of this train.py" in r.stderr

@@ -1,7 +1,12 @@
-"""Tests of train.py, end to end in subprocesses with timeouts (a hang fails instead of stalling):
-the smoke run, DDP on gloo versus one process, starved experts, compile versus eager, bit-exact resume,
-crash-safe saves, corrupted checkpoints, preemption, the non-finite guard, incompatible resume, and
-a checkpoint crafted to run code when unpickled."""
+"""Tests of train.py, end to end in subprocesses with timeouts (a hang fails instead of stalling): the smoke
+run against an independent computation of its first loss, exact averaging whatever the accumulation (with
+the mean-of-means mutant shown to fail), DDP on gloo versus one process, starved experts, compile versus
+eager, bit-exact resume, crash-safe saves, corrupted checkpoints, preemption (SIGTERM, SIGHUP), the
+non-finite guard, incompatible resume, metrics that stay true on several ranks and after a resume, the
+learning-rate schedule's floor, the host syncs of a step, and a checkpoint crafted to run code.
+
+Faults are injected from outside, as a user's tools would: `launch(..., patch=CODE)` runs train.py through a
+small launcher that executes CODE (which may patch train, loss or model) before train.cli()."""
 import json
 import math
 import os
@@ -20,24 +25,38 @@ import train
 HERE = Path(__file__).parent
 TINY = ["--seq_len=32", "--n_embd=32", "--n_head=2", "--n_layer=1", "--batch_size=2", "--eval_iters=1",
         "--log_interval=1", "--eval_interval=100", "--warmup_iters=2"]
+LAUNCHER = """import os, sys
+sys.path.insert(0, {here!r})
+import torch, train, loss, model
+RANK = int(os.environ.get("RANK", 0))
+{patch}
+train.cli(sys.argv[1:])
+"""
 
 
-def launch(out, *args, nproc=1):
-    cmd = [sys.executable, "train.py"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+def launch(out, *args, nproc=1, patch=None, tiny=True):
+    script = ["train.py"]
+    if patch:
+        launcher = Path(out).with_name(Path(out).name + "_launch.py")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        launcher.write_text(LAUNCHER.format(here=str(HERE), patch=patch))
+        script = [str(launcher)]
+    cmd = [sys.executable] + script if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + script
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd + TINY + [f"--out_dir={out}", *args], cwd=HERE, env=env, text=True,
+    return subprocess.Popen(cmd + (TINY if tiny else []) + [f"--out_dir={out}", *args], cwd=HERE, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def train_run(out, *args, nproc=1, timeout=240, ok=True):
-    p = launch(out, *args, nproc=nproc)
+def train_run(out, *args, nproc=1, timeout=240, ok=True, patch=None, tiny=True, code=None):
+    p = launch(out, *args, nproc=nproc, patch=patch, tiny=tiny)
     try:
         log, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         raise
     assert (p.returncode == 0) == ok, log[-3000:]
+    assert code is None or p.returncode == code, (p.returncode, log[-3000:])
     return log
 
 
@@ -53,7 +72,18 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_smoke_run(tmp_path):
+def short_docs(path, n=300, seed=0):
+    """A .jsonl of short documents of uneven length: rows hold different numbers of documents, so the rows'
+    target counts differ (count = real tokens - k * documents), and a mean of per-row means is not the mean."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(", ")", "x", "=", "1", "\\n"]
+    lines = [json.dumps({"text": " ".join(words[int(i)] for i in torch.randint(0, len(words), (int(m),), generator=g))})
+             for m in torch.randint(2, 30, (n,), generator=g)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_smoke_run_and_its_first_loss_computed_apart(tmp_path):
     log = train_run(tmp_path, "--max_iters=3", "--eval_interval=3")
     rows = metrics(tmp_path)
     train_rows = [r for r in rows if "loss" in r]
@@ -61,10 +91,53 @@ def test_smoke_run(tmp_path):
     first = train_rows[0]
     for key in ["loss", "nt_loss", "loss_h1", "loss_h4", "lr", "grad_norm", "tokens_per_s", "expert_load"]:
         assert key in first and math.isfinite(first[key]), key
-    assert abs(first["nt_loss"] - math.log(50257)) < 1.0  # about ln(vocab) at initialization
-    assert first["loss"] == pytest.approx(sum(first[f"loss_h{k}"] for k in range(1, 5)))  # mtp_weight = 1
-    assert any("val_loss" in r and "val_nt_loss" in r for r in rows)
+    assert any("val_loss" in r and "val_nt_loss" in r and "val_accept_h2" in r for r in rows)
     assert (tmp_path / "ckpt_0000003.pt").exists() and "parameters:" in log
+    # step 1's losses, computed apart: the same initial weights and the same first batch, materialized logits
+    from data import PackedLoader
+    from loss import mtp_loss_reference, mtp_targets
+    from model import Model, ModelConfig
+    cfg = train.parse_config(TINY)
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**{k: cfg[k] for k in train.MODEL_FIELDS}))
+    b = PackedLoader(None, "train", 2, 32, 0, 1, 0, "cpu", 0.01).next_batch()
+    with torch.no_grad():
+        hidden = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"]).hidden
+        sums, counts = mtp_loss_reference(hidden, model.lm_head.weight, mtp_targets(b["input_ids"], b["doc_ids"], 4))
+    expected = (sums / counts).tolist()
+    assert [first[f"loss_h{k}"] for k in range(1, 5)] == pytest.approx(expected, rel=1e-5)
+    assert first["loss"] == pytest.approx(sum(expected), rel=1e-5)  # the default schedule: 4 heads of weight 1
+    assert abs(first["nt_loss"] - math.log(50257)) < 1.0  # about ln(vocab) at initialization
+
+
+MEAN_OF_MEANS = """
+real = loss.mtp_loss
+ACCUM = int([a for a in sys.argv if a.startswith("--grad_accum_steps=")][0].split("=")[1])
+def mutant(hidden, weight, targets, chunk_rows=None, grad_scale=None):
+    sums, counts = real(hidden, weight, targets, chunk_rows)  # one gradient buffer per head: any weighting works
+    if grad_scale is None:
+        return sums, counts
+    # the same values, but the gradient of a mean of per-micro-batch means (w_k = 1, one rank)
+    factor = 1.0 / (grad_scale * counts.clamp(min=1) * ACCUM)
+    return sums.detach() + (sums - sums.detach()) * factor, counts
+loss.mtp_loss = mutant
+"""
+
+
+def test_accumulation_is_exact_and_a_mean_of_means_is_not(tmp_path):
+    data = short_docs(tmp_path / "short.jsonl")
+    args = ["--max_iters=4", "--eval_interval=4", "--dtype=float64", "--aux_loss_coef=0", "--z_loss_coef=0",
+            f"--data={data}", "--val_fraction=0.05", f"--cache_dir={tmp_path / 'cache'}", "--learning_rate=1e-2"]
+    runs = {}
+    for b, a in ((4, 1), (2, 2), (1, 4)):
+        train_run(tmp_path / f"b{b}a{a}", *args, f"--batch_size={b}", f"--grad_accum_steps={a}")
+        runs[b, a] = losses(tmp_path / f"b{b}a{a}")
+    for split in ((2, 2), (1, 4)):
+        assert runs[split] == pytest.approx(runs[4, 1], rel=1e-9, abs=0)
+    train_run(tmp_path / "mutant", *args, "--batch_size=1", "--grad_accum_steps=4", patch=MEAN_OF_MEANS)
+    wrong = losses(tmp_path / "mutant")
+    assert wrong[0] == pytest.approx(runs[4, 1][0], rel=1e-9)  # the same first step: the mutant changes gradients only
+    assert wrong[1:] != pytest.approx(runs[4, 1][1:], rel=1e-9)  # ... and the test sees it from step 2 on
 
 
 def test_ddp_equals_one_process_with_double_accumulation(tmp_path):
@@ -77,11 +150,45 @@ def test_ddp_equals_one_process_with_double_accumulation(tmp_path):
     a, b = weights(tmp_path / "one" / "ckpt_0000003.pt"), weights(tmp_path / "two" / "ckpt_0000003.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+    # FLOP/s are per device: per step of one rank, flops_per_token * tokens_per_step / world_size
+    from model import Model, ModelConfig
+    cfg = train.parse_config(TINY)
+    fpt = Model(ModelConfig(**{k: cfg[k] for k in train.MODEL_FIELDS})).flops_per_token()
+    for r in (r for r in metrics(tmp_path / "two") if "loss" in r):
+        real_tokens_per_step = 2 * 32 * 2 * (1 - r["pad_frac"])
+        assert r["flops_per_s"] / r["tokens_per_s"] == pytest.approx(fpt * 2 * 32 * 2 / 2 / real_tokens_per_step, rel=1e-6)
 
 
-def test_ddp_with_experts_starved_on_one_rank(tmp_path):
-    log = train_run(tmp_path, "--max_iters=3", "--n_experts=4", "--debug_starve_rank=1", nproc=2)
-    assert "replicas identical: True" in log
+STARVE = """
+DDP = torch.nn.parallel.DistributedDataParallel
+init = DDP.__init__
+def starve_after_ddp(self, module, *a, **kw):  # after DDP's one-time copy of rank 0's buffers
+    init(self, module, *a, **kw)
+    if RANK == 1:
+        for m in module.modules():
+            if isinstance(m, model.MoE):
+                m.expert_bias[m.cfg.n_experts // 2:] = -1e4
+DDP.__init__ = starve_after_ddp
+forward = model.MoE.forward
+seen = []
+def record(self, x, valid):
+    y, aux, counts = forward(self, x, valid)
+    seen.append(counts.tolist())
+    open(os.environ["COUNTS_FILE"] + str(RANK), "w").write(json.dumps(seen))
+    return y, aux, counts
+import json
+model.MoE.forward = record
+"""
+
+
+def test_ddp_with_experts_starved_on_one_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("COUNTS_FILE", str(tmp_path / "counts"))
+    log = train_run(tmp_path / "out", "--max_iters=3", "--n_experts=4", nproc=2, patch=STARVE)
+    assert "replicas identical: True" in log  # the parameters, though rank 1 routes differently
+    starved = json.loads((tmp_path / "counts1").read_text())
+    fed = json.loads((tmp_path / "counts0").read_text())
+    assert all(c[2] == 0 and c[3] == 0 and c[0] + c[1] > 0 for c in starved)  # rank 1: experts 2, 3 get nothing
+    assert sum(c[2] + c[3] for c in fed) > 0  # rank 0 uses them
 
 
 def test_compiled_equals_eager(tmp_path):
@@ -101,49 +208,83 @@ def test_resume_is_bit_exact(tmp_path, nproc):
     assert losses(tmp_path / "full") == losses(tmp_path / "split")  # identical floats, not approximately
     a, b = weights(tmp_path / "full" / "ckpt_0000008.pt"), weights(tmp_path / "split" / "ckpt_0000008.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    events = [r for r in metrics(tmp_path / "split") if "event" in r]
+    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["step"] == 4
+    assert len({r["run"] for r in metrics(tmp_path / "split")}) == 1  # one run, resumed
 
 
-def test_sigterm_to_one_rank_saves_once_and_exits_zero(tmp_path):
-    p = launch(tmp_path, "--max_iters=100000", nproc=2)
+def workers(launcher_pid, deadline):
+    """{LOCAL_RANK: pid} of torchrun's workers: descendants with a LOCAL_RANK in their environment."""
+    ranks = {}
+    while time.time() < deadline and 1 not in ranks:
+        parent = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                parent[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+        family, grew = {launcher_pid}, True
+        while grew:
+            new = {pid for pid, pp in parent.items() if pp in family} - family
+            family, grew = family | new, bool(new)
+        for pid in family - {launcher_pid}:
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            rank = [e.split(b"=")[1] for e in env if e.startswith(b"LOCAL_RANK=")]
+            if rank:
+                ranks[int(rank[0])] = pid
+    return ranks
+
+
+def wait_for_steps(out, deadline):
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and losses(out)):
+        time.sleep(0.2)
+
+
+def stop_with_signal(out, sig, nproc, *args):
+    p = launch(out, "--max_iters=100000", *args, nproc=nproc)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and metrics(tmp_path)):
-            time.sleep(0.2)
-        ranks = {}  # the workers: descendants of torchrun with a LOCAL_RANK in their environment
-        while time.time() < deadline and 1 not in ranks:
-            parent = {}
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    parent[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-                except OSError:
-                    pass
-            family, grew = {p.pid}, True
-            while grew:
-                new = {pid for pid, pp in parent.items() if pp in family} - family
-                family, grew = family | new, bool(new)
-            for pid in family - {p.pid}:
-                try:
-                    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-                except OSError:
-                    continue
-                rank = [e.split(b"=")[1] for e in env if e.startswith(b"LOCAL_RANK=")]
-                if rank:
-                    ranks[int(rank[0])] = pid
-        os.kill(ranks[1], signal.SIGTERM)
+        wait_for_steps(out, deadline)
+        os.kill(workers(p.pid, deadline)[1] if nproc > 1 else p.pid, sig)
         log, _ = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, log[-3000:]
-    ckpts = list(tmp_path.glob("ckpt_*.pt"))
+    ckpts = list(out.glob("ckpt_*.pt"))
     assert len(ckpts) == 1 and log.count("\nsaved ") == 1 and "stop requested: saved step" in log
-    step = int(ckpts[0].stem.split("_")[1])
-    assert f"stop requested: saved step {step}," in log
+    assert f"stop requested: saved step {int(ckpts[0].stem.split('_')[1])}," in log
+    return log
+
+
+def test_sigterm_to_one_rank_saves_once_and_exits_zero(tmp_path):
+    stop_with_signal(tmp_path, signal.SIGTERM, 2)
+
+
+def test_sighup_saves_and_exits_zero(tmp_path):
+    stop_with_signal(tmp_path, signal.SIGHUP, 1)  # a closed terminal or ssh session
+
+
+def nan_at(step, rank):
+    """Launcher code: the training loss is NaN at `step` on `rank` (the eval path, mtp_eval, is untouched)."""
+    return f"""
+real, calls = loss.mtp_loss, [0]
+def poisoned(*a, **kw):
+    sums, counts = real(*a, **kw)
+    calls[0] += 1
+    if RANK == {rank} and calls[0] == {step} + 1:
+        sums = sums * float("nan")
+    return sums, counts
+loss.mtp_loss = poisoned
+"""
 
 
 def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
     train_run(tmp_path / "ref", "--max_iters=1", nproc=2)
-    log = train_run(tmp_path / "nan", "--max_iters=2", "--debug_nan_step=1", "--debug_nan_rank=1", nproc=2)
+    log = train_run(tmp_path / "nan", "--max_iters=2", nproc=2, patch=nan_at(1, 1))
     assert "warning: step 1: non-finite" in log and "replicas identical: True" in log
     a = torch.load(tmp_path / "ref" / "ckpt_0000001.pt", weights_only=True)
     b = torch.load(tmp_path / "nan" / "ckpt_0000002.pt", weights_only=True)
@@ -154,10 +295,30 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
 
 def test_consecutive_nans_stop_the_run(tmp_path):
     train_run(tmp_path, "--max_iters=2", "--eval_interval=1")
-    log = train_run(tmp_path, "--max_iters=5", "--init_from=resume", "--debug_nan_step=2", "--max_skips=1",
-                    "--eval_interval=1", ok=False)
+    log = train_run(tmp_path, "--max_iters=5", "--init_from=resume", "--max_skips=1", "--eval_interval=1",
+                    ok=False, patch=nan_at(0, 0))  # the first step of the resumed process: step 2
     assert "stopping: 1 consecutive non-finite steps; the last good checkpoint is 2" in log
     train.load_checkpoint(tmp_path / "ckpt_0000002.pt")  # intact
+
+
+POISON_WEIGHTS = """
+step = torch.optim.AdamW.step
+calls = [0]
+def poisoned(self, *a, **kw):  # after the 4th update, a weight is NaN (a bug elsewhere, or bad hardware)
+    out = step(self, *a, **kw)
+    calls[0] += 1
+    if calls[0] == 4:
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+    return out
+torch.optim.AdamW.step = poisoned
+"""
+
+
+def test_the_last_good_checkpoint_is_one_that_was_written(tmp_path):
+    log = train_run(tmp_path, "--max_iters=8", "--eval_interval=2", "--max_skips=1", ok=False, patch=POISON_WEIGHTS)
+    assert "step 4: non-finite weights, checkpoint NOT written" in log
+    assert "the last good checkpoint is 2" in log and not (tmp_path / "ckpt_0000004.pt").exists()
 
 
 def test_changed_model_shape_is_refused(tmp_path):
@@ -167,19 +328,107 @@ def test_changed_model_shape_is_refused(tmp_path):
     train_run(tmp_path, "--max_iters=2", "--init_from=resume", "--log_interval=5")  # allowed changes
 
 
-def state(step):
-    return dict(model={"w": torch.full((1000,), float(step))}, step=step)
+def test_metrics_exclude_evaluation_and_eta_counts_this_process(tmp_path):
+    slow_eval = "real = train.evaluate\ndef slow(*a):\n    import time; time.sleep(1.0)\n    return real(*a)\ntrain.evaluate = slow\n"
+    train_run(tmp_path, "--max_iters=12", "--eval_interval=4", "--log_interval=2", patch=slow_eval)
+    rate = [r["tokens_per_s"] for r in metrics(tmp_path) if "loss" in r]
+    assert max(rate) < 3 * min(rate), rate  # an interval after an evaluation (1 s) is not slower
+    train_run(tmp_path / "eta", "--max_iters=40", "--stop_after=36", "--eval_interval=100")
+    train_run(tmp_path / "eta", "--max_iters=40", "--init_from=resume", "--eval_interval=100")
+    rows = [r for r in metrics(tmp_path / "eta") if "loss" in r and r["step"] > 36]
+    per_step = (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
+    # after the resume at 36, step 37 has 3 steps left: about 3 * per_step (the old way: elapsed / 37 * 3)
+    assert rows[0]["eta_s"] > 0.3 * 3 * per_step, (rows[0], per_step)
+
+
+def test_lr_schedules_end_at_the_floor():
+    for sched in ("cosine", "wsd"):
+        c = train.SimpleNamespace(**dict(train.DEFAULTS, lr_schedule=sched, max_iters=100, warmup_iters=10))
+        lrs = [train.lr_at(s, c) for s in range(100)]
+        assert lrs[9] == c.learning_rate and lrs[-1] == pytest.approx(c.learning_rate * c.min_lr_ratio, rel=1e-12)
+        assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warmup
+    c = train.SimpleNamespace(**dict(train.DEFAULTS, lr_schedule="wsd", max_iters=100, warmup_iters=10, decay_frac=0.2))
+    assert train.lr_at(79, c) == c.learning_rate and train.lr_at(80, c) < c.learning_rate  # stable, then 20 decay steps
+
+
+def test_peak_flops_match_whole_names():
+    assert train.peak_flops("NVIDIA L40S") == 362e12 and train.peak_flops("NVIDIA L4") == 121e12
+    assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert train.peak_flops("NVIDIA A10") == 125e12 and train.peak_flops("Tesla T4") is None
+
+
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts operations that make the host wait for the device on a GPU: reading a value back, and ops whose
+    output size depends on values (nonzero, bincount, boolean indexing)."""
+    SYNCING = ("_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique", "repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        bool_index = name.startswith("index") and any(
+            isinstance(a, (list, tuple)) and any(torch.is_tensor(t) and t.dtype == torch.bool for t in a) for a in args)
+        if name in self.SYNCING or bool_index:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class ToListCounter(torch.overrides.TorchFunctionMode):
+    def __init__(self, into):
+        super().__init__()
+        self.into = into
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.numpy):
+            self.into.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn):
+    counter = SyncCounter()
+    with counter, ToListCounter(counter.ops):
+        fn()
+    return counter.ops
+
+
+def test_host_syncs_of_a_training_step(tmp_path, monkeypatch):
+    # the CUDA code path on the CPU: grouped-matmul experts; the model's CPU-only input check is off (on a GPU
+    # forward() does not run it: the data checks ids where they are made)
+    from model import Model
+    monkeypatch.setattr(Model, "check_inputs", lambda self, *a: None)
+    base = ["--moe_backend=grouped", "--log_interval=1000", "--eval_interval=1000", "--grad_accum_steps=2",
+            f"--out_dir={tmp_path}/x"] + TINY[:5]
+    from data import PackedLoader
+    from loss import ModelWithLoss, count_targets, step_coefficients
+    from model import ModelConfig
+    cfg = train.parse_config(base)
+    model = ModelWithLoss(Model(ModelConfig(**{k: cfg[k] for k in train.MODEL_FIELDS})))
+    loader = PackedLoader(None, "train", 2, 32)
+    batches = [loader.next_batch() for _ in range(2)]
+    coef = step_coefficients(sum(count_targets(b, 4) for b in batches), torch.ones(4, dtype=torch.float64))
+    assert count_syncs(lambda: train.forward_backward(model, batches, [0, 1, 2, 3], coef, torch.autocast("cpu", enabled=False))) == []
+
+    def run(steps):
+        return lambda: train.main(train.parse_config(base + [f"--max_iters={steps}", f"--out_dir={tmp_path}/{steps}"]))
+    extra = len(count_syncs(run(6))) - len(count_syncs(run(3)))
+    assert extra == 3  # one per step: the guard's decision (finite? stop? any target?) read in one .tolist()
+
+
+def state(step, val=None, run="r"):
+    return dict(model={"w": torch.full((1000,), float(step))}, step=step, run=run, val_nt_loss=val)
 
 
 def test_save_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    train.save_checkpoint(tmp_path, 1, state(1), 1.0, keep=2)
+    train.save_checkpoint(tmp_path, 1, state(1, 1.0), keep=2)
 
     def half_then_fail(obj, f):
         f.write(b"partial bytes")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError):
-        train.save_checkpoint(tmp_path, 2, state(2), 0.5, keep=2)
+    with pytest.raises(OSError, match="disk full writing .*ckpt_0000002.pt"):
+        train.save_checkpoint(tmp_path, 2, state(2, 0.5), keep=2)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints.json", "ckpt_0000001.pt", "ckpt_0000001.pt.sha256"]
     path, ckpt = train.find_resume(tmp_path, "")
@@ -192,11 +441,11 @@ import sys, time, torch
 sys.path.insert(0, {str(HERE)!r})
 import train
 from test_train import state
-train.save_checkpoint({str(tmp_path)!r}, 1, state(1), 1.0, keep=2)
+train.save_checkpoint({str(tmp_path)!r}, 1, state(1, 1.0), keep=2)
 def slow(obj, f):
     f.write(b"x" * 1000); f.flush(); print("writing", flush=True); time.sleep(60)
 torch.save = slow
-train.save_checkpoint({str(tmp_path)!r}, 2, state(2), 0.5, keep=2)
+train.save_checkpoint({str(tmp_path)!r}, 2, state(2, 0.5), keep=2)
 """
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
@@ -208,8 +457,8 @@ train.save_checkpoint({str(tmp_path)!r}, 2, state(2), 0.5, keep=2)
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corruption_is_detected_and_resume_falls_back(tmp_path, damage, capsys):
-    train.save_checkpoint(tmp_path, 1, state(1), 1.0, keep=3)
-    train.save_checkpoint(tmp_path, 2, state(2), 0.5, keep=3)
+    train.save_checkpoint(tmp_path, 1, state(1, 1.0), keep=3)
+    train.save_checkpoint(tmp_path, 2, state(2, 0.5), keep=3)
     bad = tmp_path / "ckpt_0000002.pt"
     raw = bytearray(bad.read_bytes())
     if damage == "flip":
@@ -246,8 +495,9 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = train.parse_config(["--n_embd=64", "--learning_rate=1", "--data=some/dir", "--compile=True"])
+    cfg = train.parse_config(["--n_embd=64", "--learning_rate=1", "--data=some/dir", "--compile=True", "--mtp_schedule=1"])
     assert cfg["n_embd"] == 64 and cfg["learning_rate"] == 1.0 and cfg["data"] == "some/dir" and cfg["compile"] is True
+    assert cfg["mtp_schedule"] == "1"
     with pytest.raises(ValueError, match="unknown setting 'n_emb'; did you mean n_embd"):
         train.parse_config(["--n_emb=64"])
     with pytest.raises(ValueError, match="n_embd='big' is str, expected int"):
@@ -267,6 +517,5 @@ def test_gpu_preset_parses_and_trains_on_shards(tmp_path):
     train_run(tmp_path / "out", "--config=configs/gpt2_small_moe.conf", f"--data={tmp_path}/fineweb_train_*.bin",
               "--val_fraction=0.05", "--n_layer=1", "--n_head=2", "--n_embd=32", "--seq_len=64", "--batch_size=2",
               "--grad_accum_steps=1", "--max_iters=2", "--warmup_iters=1", "--compile=False", "--eval_iters=1",
-              "--log_interval=1",
-              f"--out_dir={tmp_path / 'out'}")
+              "--log_interval=1", f"--out_dir={tmp_path / 'out'}", tiny=False)
     assert [r["step"] for r in metrics(tmp_path / "out") if "loss" in r] == [1, 2]

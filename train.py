@@ -1,9 +1,10 @@
 """train.py: pretrain the MoE + multi-token-prediction model. A script, read top to bottom.
 
     python train.py                                   # CPU or one GPU, default corpus (Python stdlib)
-    python train.py --max_iters=50 --n_embd=64        # override any constant below as --name=value
+    python train.py --max_iters=50 --n_embd=64        # override any constant below (or ModelConfig field)
     python train.py --config=configs/gpt2_small_moe.conf   # a file of `name = value` lines
     torchrun --standalone --nproc_per_node=8 train.py --config=configs/gpt2_small_moe.conf
+    torchrun --standalone --nproc_per_node=8 train.py --config=... --fsdp=True   # shard past one GPU's memory
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
              --rdzv_endpoint=HOST:29500 train.py --config=...    # the same on node 1 with --node_rank=1
 
@@ -13,60 +14,52 @@ The objective of one optimizer step over all micro-batches m of all ranks r (DES
 
 N_k, the number of valid head-k targets in the whole step, is counted from the batches before the first
 forward and all-reduced once, so every micro-batch backpropagates world_size * sum_k w_k sums_k / N_k
-(DDP averages gradients over ranks). The gradient then does not depend on how the global batch is cut
-into micro-batches or ranks, nor on padding. What is logged is this objective, reduced over the step.
+(DDP and FSDP average gradients over ranks). The gradient then does not depend on how the global batch is
+cut into micro-batches or ranks, nor on padding. w_k come from the head schedule (mtp_schedule); a head of
+weight 0 is not computed. What is logged is this objective, reduced over the step.
+
+out_dir belongs to one run (README, "Checkpoints and faults"): a lock for the life of the run; a scratch
+run refuses a folder holding checkpoints, and a resume one holding another run's or newer checkpoints,
+unless --overwrite=True; pruning removes only this run's older checkpoints, never the newest or the best.
 """
 import ast
 import difflib
+import errno
+import fcntl
 import hashlib
 import inspect
 import json
 import math
 import os
 import random
+import re
+import secrets
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import PackedLoader
-from loss import count_targets, mtp_loss, mtp_targets, objective, step_coefficients
+from data import GPT2_VOCAB, PackedLoader
+from loss import ModelWithLoss, count_targets, head_agreement, mtp_targets, objective, step_coefficients
 from model import Model, ModelConfig
 
 # ----------------------------------------------------------------------------- hyperparameters
+# The model's shape: every field of model.ModelConfig is a setting too (--n_embd=256, --n_predict=1); its
+# defaults, set once there, are the model of `python train.py`.
 # data
-data = None  # None: the Python standard library; or a text file, a folder, a .jsonl, or a glob of .bin shards
+data = None  # None: the Python standard library; or a text file, a folder, a .jsonl, or a glob of files or .bin shards
 val_fraction = 0.01  # fraction of documents held out for evaluation (at least one)
 cache_dir = ""  # token cache folder for text sources; "" means data_cache/ beside data.py
-# model (ModelConfig fields)
-vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64
-seq_len = 256  # tokens per row
-n_layer = 2  # trunk blocks
-n_head = 4  # attention heads
-n_kv_head = 0  # key/value heads for grouped-query attention; 0 means n_head
-n_embd = 128  # model width
-n_experts = 4  # routed experts per MoE layer
-top_k = 2  # routed experts per token
-n_shared_experts = 1  # always-on experts
-expert_hidden = 0  # hidden size of one expert; 0 derives 4 * n_embd / (top_k + n_shared_experts), rounded up to 16
-n_dense_layers = 0  # leading trunk blocks with a dense FFN
-n_predict = 4  # multi-token-prediction heads; head k predicts token t + k
-tie_embeddings = True  # share the token embedding and the unembedding
-rope_base = 10000.0  # rotary embedding base
-dropout = 0.0  # residual dropout
-router_noise = 0.0  # std of noise on router logits during training
-aux_loss_coef = 0.01  # Switch load-balancing loss weight
-z_loss_coef = 0.001  # router z-loss weight
-bias_update_rate = 0.0  # DeepSeek-V3 aux-loss-free balancing step (0.001 in the paper); 0 = off
-attn_backend = "auto"  # "sdpa", "flex", or "auto": flex on CUDA, sdpa on CPU
-moe_backend = "auto"  # "loop", "grouped", or "auto": grouped matmul on CUDA in bf16
-mtp_weight = 1.0  # loss weight w_k of heads k >= 2 (head 1 always has weight 1)
+# multi-token prediction
+mtp_schedule = "1,1,1,1"  # head weights w_1,..,w_n; stages split by ';' share max_iters equally ("1,1,1,1;1,.5;1")
 # optimizer
 learning_rate = 3e-3  # peak learning rate
 min_lr_ratio = 0.1  # the schedule's floor, as a fraction of learning_rate
@@ -74,6 +67,7 @@ weight_decay = 0.1  # AdamW decay, on matrices only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = off
+bias_update_rate = 0.0  # DeepSeek-V3 aux-loss-free balancing step (0.001 in the paper); 0 = off
 # schedule
 max_iters = 200  # optimizer steps
 warmup_iters = 10  # linear warmup steps
@@ -88,30 +82,33 @@ log_interval = 10  # steps between log lines
 out_dir = "out"  # checkpoints and metrics.jsonl
 init_from = "scratch"  # "scratch" or "resume"
 resume_path = ""  # resume: a checkpoint file; "" means the newest good one in out_dir
+overwrite = False  # let this run replace the checkpoints already in out_dir (another run's, or newer ones)
 allow_world_size_change = False  # resume on another world size (the data stream is world-size invariant)
-keep_last = 2  # checkpoints kept besides the best by eval loss
+keep_last = 2  # checkpoints of this run kept besides the best by held-out next-token loss; 0 keeps all
 max_skips = 3  # consecutive non-finite steps tolerated before stopping
 stop_after = 0  # save and exit after this many steps of this process (for time-limited jobs); 0 = off
 seed = 0
 # system
-device = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-dtype = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "float64" for exactness tests
+device = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1"
+dtype = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "float32"; "float64" for exactness tests
 compile = torch.cuda.is_available()  # compile each block; off on CPU, where bench.py measured no gain (1.00-1.01x)
-debug_nan_step = -1  # tests: make the loss NaN at this step ...
-debug_nan_rank = 0  # ... on this rank only
-debug_starve_rank = -1  # tests: this rank never routes to the upper half of the experts
+fsdp = False  # under torchrun: FSDP2 (shard parameters, gradients, optimizer state) instead of DDP
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
-            and isinstance(v, (int, float, bool, str, type(None)))}
 MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
+DEFAULTS = {**{k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
+               and isinstance(v, (int, float, bool, str, type(None)))}, **asdict(ModelConfig())}
 # What must match to resume: the model's shape, and what fixes the data stream and per-rank RNG.
-RESUME_MUST_MATCH = MODEL_FIELDS + ["data", "val_fraction", "seed", "world_size"]
+RESUME_MUST_MATCH = MODEL_FIELDS + ["data_fingerprint", "val_fraction", "seed", "world_size"]
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12, "RTX 4090": 165e12}  # dense bf16 FLOP/s of one device
 
+
+# ----------------------------------------------------------------------------- settings
 
 def parse_value(name, text, where, defaults):
     """Parse an override as a Python literal and check it against the default's type. Nothing is eval'd."""
     if name not in defaults:
-        close = difflib.get_close_matches(name, defaults, n=3)
+        close = [k for k in defaults if k.startswith(name)][:3] or difflib.get_close_matches(name, defaults, n=3)
         raise ValueError(f"{where}: unknown setting {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     default = defaults[name]
     try:
@@ -120,6 +117,8 @@ def parse_value(name, text, where, defaults):
         value = text  # a bare word: a string
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = text  # --mtp_schedule=1 is the string "1"
     ok = (value is None or isinstance(value, str)) if default is None else type(value) is type(default)
     if not ok:
         raise ValueError(f"{where}: {name}={value!r} is {type(value).__name__}, expected "
@@ -135,7 +134,11 @@ def parse_config(argv, defaults=DEFAULTS):
             raise ValueError(f"argument {arg!r}: expected --name=value")
         name, text = arg[2:].split("=", 1)
         if name == "config":
-            for i, line in enumerate(Path(text).read_text().splitlines(), 1):
+            try:
+                lines = Path(text).read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"--config={text}: cannot read it ({e.strerror or e})") from None
+            for i, line in enumerate(lines, 1):
                 line = line.split("#", 1)[0].strip()
                 if line:
                     key, _, val = line.partition("=")
@@ -143,6 +146,93 @@ def parse_config(argv, defaults=DEFAULTS):
         else:
             cfg[name] = parse_value(name, text, "command line", defaults)
     return cfg
+
+
+def parse_schedule(text, n_predict):
+    """mtp_schedule -> list of stages, each a tuple of n_predict head weights (0 for a head not listed)."""
+    stages = []
+    for stage in text.split(";"):
+        try:
+            w = [float(x) for x in stage.split(",")]
+        except ValueError:
+            w = []
+        if not w or not all(math.isfinite(x) and x >= 0 for x in w) or w[0] <= 0 or len(w) > n_predict:
+            raise ValueError(f"mtp_schedule={text!r}: stage {stage!r}, expected 1 to n_predict={n_predict} "
+                             f"comma-separated weights >= 0, head 1's > 0 (e.g. '1,1,1,1;1,.5;1')")
+        stages.append(tuple(w) + (0.0,) * (n_predict - len(w)))
+    return stages
+
+
+def check_config(cfg):
+    """Every setting a user can get wrong, checked before anything runs: ValueError naming it."""
+    positive = ["batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval", "max_skips"]
+    non_negative = ["max_iters", "warmup_iters", "keep_last", "stop_after", "grad_clip", "weight_decay",
+                    "bias_update_rate"]
+    for k in positive:
+        if cfg[k] < 1:
+            raise ValueError(f"{k}={cfg[k]}, expected >= 1")
+    for k in non_negative:
+        if not cfg[k] >= 0:
+            raise ValueError(f"{k}={cfg[k]}, expected >= 0")
+    for k, lo, hi in (("val_fraction", 0, 1), ("learning_rate", 0, math.inf)):
+        if not lo < cfg[k] < hi:
+            raise ValueError(f"{k}={cfg[k]}, expected {lo} < {k} < {hi}")
+    for k in ("min_lr_ratio", "decay_frac", "beta1", "beta2"):
+        if not 0 <= cfg[k] <= 1:
+            raise ValueError(f"{k}={cfg[k]}, expected 0 <= {k} <= 1")
+    choices = dict(lr_schedule=("cosine", "wsd"), init_from=("scratch", "resume"), dtype=("auto", "float32", "float64"))
+    for k, allowed in choices.items():
+        if cfg[k] not in allowed:
+            raise ValueError(f"{k}={cfg[k]!r}, expected one of {', '.join(map(repr, allowed))}")
+    if cfg["resume_path"] and cfg["init_from"] != "resume":
+        raise ValueError(f"resume_path={cfg['resume_path']!r} given with init_from={cfg['init_from']!r}: "
+                         "add --init_from=resume to continue from it (a scratch run would overwrite it)")
+    if cfg["vocab_size"] < GPT2_VOCAB:
+        raise ValueError(f"vocab_size={cfg['vocab_size']}, expected >= {GPT2_VOCAB} (GPT-2's tokens)")
+    if cfg["data"] == "":
+        raise ValueError("data='': expected a path, a glob, or None for the default corpus")
+    ModelConfig(**{k: cfg[k] for k in MODEL_FIELDS})  # the model's own checks
+    parse_schedule(cfg["mtp_schedule"], cfg["n_predict"])
+    resolve_device(cfg["device"])
+
+
+def resolve_device(name):
+    """'auto', 'cpu', 'cuda', 'cuda:N' -> torch.device, or ValueError when this machine has no such device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}, expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def attention_bytes(batch_size, seq_len, n_head, device, backend):
+    """Memory the dense-mask attention path needs at once: the (B, 1, T, T) boolean mask and, in case SDPA
+    falls back to its math kernel, the (B, H, T, T) float32 scores. FlexAttention's BlockMask is small."""
+    if backend == "flex" or (backend == "auto" and device.type == "cuda"):
+        return 0
+    return batch_size * seq_len ** 2 * (1 + 4 * n_head)
+
+
+def peak_flops(device_name):
+    """Dense bf16 FLOP/s of one device, by whole words of its name ("NVIDIA L40S" is not an "L4"), or None."""
+    return next((v for k, v in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0]))
+                 if re.search(rf"(?<![\w-]){re.escape(k)}(?![\w])", device_name)), None)
+
+
+def available_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    except (OSError, AttributeError):
+        return math.inf
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -156,7 +246,8 @@ def sha256_file(path):
 
 
 def write_atomic(path, write):
-    """write(f) into a temporary file in the same folder, fsync, rename: a crash leaves the old file."""
+    """write(f) into a temporary file in the same folder, fsync, rename: a crash or a full disk leaves the old
+    file and no temporary behind."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
@@ -165,6 +256,10 @@ def write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"disk full writing {path} (the previous files are intact)") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
@@ -172,28 +267,6 @@ def write_atomic(path, write):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def save_checkpoint(out, step, state, val_loss, keep):
-    """Write ckpt_{step}.pt and its .sha256, then point `latest` at it; prune to the last `keep` + best."""
-    out = Path(out)
-    path = out / f"ckpt_{step:07d}.pt"
-    write_atomic(path, lambda f: torch.save(state, f))
-    digest = sha256_file(path)
-    write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-    index_path = out / "checkpoints.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"best": None, "best_val_loss": None}
-    if val_loss is not None and math.isfinite(val_loss) and (
-            index["best_val_loss"] is None or val_loss < index["best_val_loss"]):
-        index["best"], index["best_val_loss"] = path.name, val_loss
-    index["latest"] = path.name
-    write_atomic(index_path, lambda f: f.write(json.dumps(index, indent=1).encode()))
-    ckpts = sorted(out.glob("ckpt_*.pt"))
-    for old in ckpts[:-keep] if keep > 0 else []:
-        if old.name != index["best"]:
-            old.unlink()
-            old.with_suffix(".pt.sha256").unlink(missing_ok=True)
-    return path
 
 
 def verify_checkpoint(path):
@@ -204,17 +277,85 @@ def verify_checkpoint(path):
         raise ValueError(f"checkpoint {path}: no such file")
     if not side.is_file():
         raise ValueError(f"checkpoint {path}: no checksum file {side.name}; refusing an unverified checkpoint")
-    expected, actual = side.read_text().split()[0], sha256_file(path)
-    if expected != actual:
-        raise ValueError(f"checkpoint {path}: sha256 {actual}, expected {expected} (truncated or corrupted)")
+    words = side.read_text(errors="replace").split()
+    if not words or not re.fullmatch(r"[0-9a-f]{64}", words[0]):
+        raise ValueError(f"checkpoint {path}: checksum file {side.name} is empty or garbled; refusing it")
+    actual = sha256_file(path)
+    if words[0] != actual:
+        raise ValueError(f"checkpoint {path}: sha256 {actual}, expected {words[0]} (truncated or corrupted)")
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     verify_checkpoint(path)
     try:  # weights_only: tensors and plain containers only, no code can run while loading
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
+
+
+def set_aside(path, why):
+    """A checkpoint that fails verification leaves the index and the ckpt_* names, kept for inspection."""
+    for p in (path, path.with_suffix(".pt.sha256")):
+        if p.exists():
+            os.replace(p, p.with_name(p.name + ".damaged"))
+    print(f"warning: {why}; renamed to {path.name}.damaged", file=sys.stderr)
+
+
+def read_index(out):
+    """checkpoints.json: {file: {step, run, val_nt_loss}} of the good checkpoints of out. A cache of what is on
+    disk: entries whose file is gone are dropped, files it does not list are verified and added (or set aside),
+    and a garbled index is rebuilt from the verified files (said once)."""
+    out, note = Path(out), None
+    try:
+        entries = json.loads((out / "checkpoints.json").read_text())["checkpoints"]
+        assert all(isinstance(e["step"], int) and isinstance(e["run"], str) for e in entries.values())
+    except FileNotFoundError:
+        entries = {}
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError, OSError):
+        entries, note = {}, f"note: {out / 'checkpoints.json'} is damaged; rebuilding it from the verified checkpoints"
+    entries = {name: e for name, e in entries.items() if (out / name).is_file()}
+    for path in sorted(out.glob("ckpt_*.pt")):
+        if path.name not in entries:
+            try:
+                ckpt = load_checkpoint(path, mmap=True)
+                entries[path.name] = dict(step=int(ckpt["step"]), run=str(ckpt.get("run", "")),
+                                          val_nt_loss=ckpt.get("val_nt_loss"))
+            except (ValueError, KeyError, TypeError) as e:
+                set_aside(path, e)
+    if note:
+        print(note, file=sys.stderr)
+    return entries
+
+
+def write_index(out, entries):
+    best = min((n for n, e in entries.items() if e.get("val_nt_loss") is not None), default=None,
+               key=lambda n: entries[n]["val_nt_loss"])
+    latest = max(entries, default=None, key=lambda n: entries[n]["step"])
+    index = dict(latest=latest, best=best, checkpoints=entries)
+    write_atomic(Path(out) / "checkpoints.json", lambda f: f.write(json.dumps(index, indent=1).encode()))
+
+
+def save_checkpoint(out, step, state, keep):
+    """Write ckpt_{step}.pt and its .sha256, index it, then prune this run's older checkpoints to the newest
+    `keep` (0: all) plus the best by val_nt_loss. Never removes a file the index does not vouch for."""
+    out, run = Path(out), state["run"]
+    path = out / f"ckpt_{step:07d}.pt"
+    write_atomic(path, lambda f: torch.save(state, f))
+    digest = sha256_file(path)
+    write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    entries = read_index(out)
+    entries[path.name] = dict(step=step, run=run, val_nt_loss=state.get("val_nt_loss"))
+    mine = sorted((n for n, e in entries.items() if e["run"] == run), key=lambda n: entries[n]["step"])
+    best = min((n for n in mine if entries[n]["val_nt_loss"] is not None), default=None,
+               key=lambda n: entries[n]["val_nt_loss"])
+    doomed = [n for n in mine[:-keep] if n not in (best, path.name)] if keep > 0 else []
+    for name in doomed:
+        del entries[name]
+    write_index(out, entries)  # before deleting: the index never names a missing file
+    for name in doomed:
+        (out / name).unlink(missing_ok=True)
+        (out / name).with_suffix(".pt.sha256").unlink(missing_ok=True)
+    return path
 
 
 def find_resume(out, explicit):
@@ -227,6 +368,58 @@ def find_resume(out, explicit):
         except ValueError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
     raise ValueError(f"init_from=resume: no good checkpoint in {out}")
+
+
+def lock_out_dir(out, run):
+    """An exclusive lock on out_dir for the life of this process (released by the OS when it ends)."""
+    fd = os.open(out / "train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(f"out_dir {out} is in use by {holder}; wait for it, or use another out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"run {run}, pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
+    return fd
+
+
+def claim_out_dir(c, run):
+    """Rank 0, before anything is written: lock out_dir and apply the rules that keep checkpoints safe.
+    -> (lock fd, path of the checkpoint to resume or None)."""
+    out = Path(c.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir={c.out_dir!r} is a file, expected a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = lock_out_dir(out, run)
+    for tmp in out.glob(".tmp-*"):  # left by a save killed midway (kill -9): nobody else writes here now
+        tmp.unlink(missing_ok=True)
+    entries, files = read_index(out), sorted(out.glob("ckpt_*.pt"))
+    if c.init_from == "scratch":
+        doomed, why = files, "holds checkpoints of an earlier run"
+        resume = None
+    else:
+        resume, ckpt = find_resume(out, c.resume_path)
+        mine, step = str(ckpt.get("run", "")), int(ckpt["step"])
+        doomed, why = [], f"holds checkpoints of another run or newer than {resume.name} (step {step})"
+        for name, e in entries.items():
+            if (e["run"] != mine or e["step"] > step) and (out / name).resolve() != resume.resolve():
+                try:  # only a good checkpoint stands in the way; a damaged one leaves the index
+                    verify_checkpoint(out / name)
+                    doomed.append(out / name)
+                except ValueError as err:
+                    set_aside(out / name, err)
+    if doomed and not c.overwrite:
+        raise ValueError(f"out_dir {out} {why} ({', '.join(p.name for p in doomed[:4])}"
+                         f"{', ...' if len(doomed) > 4 else ''}): this run would overwrite them. "
+                         "Use another out_dir, or --overwrite=True to replace them")
+    for p in doomed:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".pt.sha256").unlink(missing_ok=True)
+    if doomed:
+        print(f"overwrite: removed {len(doomed)} checkpoint(s) from {out}", file=sys.stderr)
+    write_index(out, read_index(out))  # the index as the disk is now
+    return fd, resume
 
 
 def rng_state():
@@ -245,208 +438,316 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all([torch.tensor(x, dtype=torch.uint8) for x in s["cuda"]])
 
 
+# ----------------------------------------------------------------------------- the step's pieces
+
 def lr_at(step, c):
-    """Linear warmup, then cosine (or warmup-stable-decay) down to learning_rate * min_lr_ratio."""
+    """Linear warmup, then cosine (or warmup-stable-decay) down to learning_rate * min_lr_ratio, which the
+    last step (max_iters - 1) reaches exactly."""
     if step < c.warmup_iters:
         return c.learning_rate * (step + 1) / c.warmup_iters
     floor = c.learning_rate * c.min_lr_ratio
-    if c.lr_schedule == "wsd":
-        decay_start = c.max_iters * (1 - c.decay_frac)
-        frac = max(0.0, (step - decay_start) / max(1, c.max_iters - decay_start))
-        return c.learning_rate - (c.learning_rate - floor) * frac
-    frac = (step - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters)
+    if c.lr_schedule == "wsd":  # decay over the steps decay_start .. max_iters - 1
+        decay_start = max(c.warmup_iters, round(c.max_iters * (1 - c.decay_frac)))
+        frac = max(0.0, (step + 1 - decay_start) / max(1, c.max_iters - decay_start))
+        return c.learning_rate - (c.learning_rate - floor) * min(frac, 1.0)
+    frac = (step + 1 - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters)
     return floor + 0.5 * (c.learning_rate - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense TFLOP/s
+def stage_at(step, stages, max_iters):
+    return min(len(stages) - 1, step * len(stages) // max(1, max_iters))
 
+
+def grad_sync(model, last):
+    """Reduce gradients on the last micro-batch only: DDP's no_sync(), FSDP2's set_requires_gradient_sync()."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+    return nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def forward_backward(model, batches, heads, coef, autocast):
+    """Forward and backward of every micro-batch of one step, with the step's coefficients -> the named sums
+    of the step on this rank. No host sync (test_train.py counts them)."""
+    acc = None
+    for i, batch in enumerate(batches):
+        with grad_sync(model, i == len(batches) - 1):
+            with autocast:
+                out = model(batch, heads=heads, grad_scale=coef)
+            ((coef * out.sums).sum() + out.aux_loss / len(batches)).backward()
+        piece = dict(sums=out.sums.detach(), counts=out.counts, aux=out.aux_loss.detach()[None] / len(batches),
+                     real=batch["attention_mask"].sum()[None], load=out.expert_counts.detach().flatten())
+        acc = piece if acc is None else {k: acc[k] + v for k, v in piece.items()}
+    return acc
+
+
+def all_reduce_named(pieces, distributed):
+    """Sum named tensors over ranks in one collective -> the same names, float64 (STYLE 15)."""
+    flat = torch.cat([v.double().flatten() for v in pieces.values()])
+    if distributed:
+        dist.all_reduce(flat)
+    return dict(zip(pieces, flat.split([v.numel() for v in pieces.values()])))
+
+
+def full(t):
+    """A DTensor (FSDP2's gradient norm) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def per_head(sums, counts, heads, n):
+    """[loss of head k or None] for k = 1..n: None where the head did not run or had no target."""
+    out = [None] * n
+    for h, s, cnt in zip(heads, sums.tolist(), counts.tolist()):
+        out[h] = s / cnt if cnt else None
+    return out
+
+
+@torch.no_grad()
+def evaluate(fwd, c, rank, world, device, corpus, weights, distributed, autocast):
+    """Held-out losses of every head, their accuracy and acceptance (loss.head_agreement), exact over the
+    global evaluation set: sums and counts all-reduced, like the training losses."""
+    fwd.eval()
+    val = PackedLoader(c.data, "val", c.batch_size, c.seq_len, rank, world, 0, device, c.val_fraction,
+                       corpus=corpus)  # a fresh loader: the same held-out rows every time
+    n, tot = c.n_predict, None
+    for _ in range(c.eval_iters * c.grad_accum_steps):
+        batch = val.next_batch()
+        with autocast:
+            out = fwd(batch, predict=True)
+        pieces = dict(sums=out.sums, counts=out.counts,
+                      **head_agreement(out.preds, mtp_targets(batch["input_ids"], batch["doc_ids"], n)))
+        tot = pieces if tot is None else {k: tot[k] + v for k, v in pieces.items()}
+    fwd.train()
+    s = all_reduce_named(tot, distributed)
+    ratio = lambda a, b: [x / y if y else None for x, y in zip(s[a].tolist(), s[b].tolist())]
+    losses = per_head(s["sums"], s["counts"], range(n), n)
+    rec = dict(val_loss=objective(s["sums"], s["counts"], torch.tensor(weights, dtype=torch.float64)).item(),
+               val_nt_loss=losses[0], **{f"val_loss_h{k + 1}": v for k, v in enumerate(losses)},
+               **{f"val_acc_h{k + 1}": v for k, v in enumerate(ratio("correct", "valid"))},
+               **{f"val_accept_h{k + 2}": v for k, v in enumerate(ratio("accepted", "judged"))},
+               val_tokens_per_forward=ratio("run", "positions")[0])
+    return rec
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+# ----------------------------------------------------------------------------- the run
 
 def main(cfg):
-    c = type("Config", (), dict(cfg))  # attribute access: c.learning_rate
-    if c.lr_schedule not in ("cosine", "wsd"):
-        raise ValueError(f"lr_schedule={c.lr_schedule!r}, expected 'cosine' or 'wsd'")
-    if c.init_from not in ("scratch", "resume"):
-        raise ValueError(f"init_from={c.init_from!r}, expected 'scratch' or 'resume'")
+    check_config(cfg)
+    c = SimpleNamespace(**cfg)  # attribute access: c.learning_rate
+    stages = parse_schedule(c.mtp_schedule, c.n_predict)
 
-    # ------------------------------------------------------------------------- setup: device, DDP
-    ddp = "RANK" in os.environ
+    # ------------------------------------------------------------------------- setup: device, DDP / FSDP
+    distributed = "RANK" in os.environ
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    dev = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp and dev.startswith("cuda"):
-        dev = f"cuda:{local_rank}"
-    device = torch.device(dev)
+    device = resolve_device(c.device)
+    if distributed and device.type == "cuda":
+        device = torch.device(f"cuda:{local_rank}")
+    if c.fsdp and not distributed:
+        raise ValueError("fsdp=True needs several processes: launch with torchrun --nproc_per_node=N")
+    need, have = attention_bytes(c.batch_size, c.seq_len, c.n_head, device, c.attn_backend), available_bytes(device)
+    if need > have:
+        raise ValueError(f"seq_len={c.seq_len} with batch_size={c.batch_size} needs {need / 2**30:.1f} GiB for the "
+                         f"dense attention mask and scores, and {device} has {have / 2**30:.1f} GiB available: "
+                         "lower seq_len or batch_size")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     master = rank == 0
-    cfg["world_size"] = world
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    cfg["world_size"] = world
+
+    # ------------------------------------------------------------------------- out_dir: lock, rules, resume point
+    run = secrets.token_hex(4)
+    claim = [None, None]  # [error message, checkpoint to resume]; decided by rank 0, shared by all
+    if master:
+        try:
+            lock, resume = claim_out_dir(c, run)
+            claim[1] = str(resume) if resume else None
+        except ValueError as e:
+            claim[0] = str(e)
+    if distributed:
+        dist.broadcast_object_list(claim, src=0)
+    if claim[0]:
+        raise ValueError(claim[0])
+    ckpt = load_checkpoint(claim[1]) if claim[1] else None
+    if ckpt is not None:
+        run = str(ckpt.get("run", run))
+    cfg["run"] = run
+
+    # ------------------------------------------------------------------------- data
     random.seed(c.seed + rank)
     np.random.seed(c.seed + rank)
-    torch.manual_seed(c.seed + rank)  # dropout / router noise differ per rank; weights are broadcast by DDP
-    if c.dtype not in ("auto", "float32", "float64"):
-        raise ValueError(f"dtype={c.dtype!r}, expected 'auto', 'float32' or 'float64'")
-    use_bf16 = device.type == "cuda" and c.dtype == "auto"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    def all_reduce(t):
-        if ddp:
-            dist.all_reduce(t)
-        return t
+    loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, rank, world, c.seed, device, c.val_fraction,
+                          c.cache_dir or None, quiet=not master)
+    cfg["data_fingerprint"] = loader.corpus.fingerprint
+    longest = int(min(c.seq_len, loader.corpus.length[loader.docs].max()))
+    for k in range(longest, c.n_predict + 1):
+        log(f"warning: head {k} has no target: the longest training document has {longest} tokens (with its EOTs)")
 
     # ------------------------------------------------------------------------- model
     mcfg = ModelConfig(**{k: cfg[k] for k in MODEL_FIELDS})
     torch.manual_seed(c.seed)  # the same initial weights on every rank
     raw_model = Model(mcfg).to(device, torch.float64 if c.dtype == "float64" else torch.float32)
-    torch.manual_seed(c.seed + rank)
-    if rank == c.debug_starve_rank:  # a selection-only bias: the starved experts still get (zero) grads
-        for m in raw_model.modules():
-            if hasattr(m, "expert_bias"):
-                m.expert_bias[c.n_experts // 2:] = -1e4
+    torch.manual_seed(c.seed + rank)  # dropout / router noise differ per rank
     n_total, n_active = raw_model.param_counts()
-    flops_per_token = raw_model.flops_per_token()
-    head_w = torch.tensor([1.0] + [c.mtp_weight] * (c.n_predict - 1), device=device)
+    if c.compile:
+        raw_model.compile_blocks()
+    fwd = ModelWithLoss(raw_model)  # model and loss in one forward (loss.py says why)
+    if c.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in list(raw_model.blocks) + list(raw_model.heads):
+            fully_shard(block)  # each block its own unit; the root (embedding, norm, unembedding) last
+        fully_shard(fwd)
+    use_bf16 = device.type == "cuda" and c.dtype == "auto"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    # ------------------------------------------------------------------------- optimizer
+    def parallel(heads):
+        """The module a training step calls: DDP over the running heads' parameters, FSDP's root, or fwd."""
+        if not distributed or c.fsdp:
+            return fwd
+        for i, head in enumerate(raw_model.heads):  # DDP requires every registered parameter to get a gradient
+            head.requires_grad_(i in heads)
+        # Buffers are not broadcast: the expert biases are updated identically on every rank from all-reduced
+        # counts. (DDP still copies them from rank 0 once, here; they are equal anyway.)
+        DDP = torch.nn.parallel.DistributedDataParallel
+        no_sync_buffers = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                            else "broadcast_buffers"): False}  # the keyword was renamed in torch 2.13
+        return DDP(fwd, device_ids=[local_rank] if device.type == "cuda" else None, **no_sync_buffers)
+
+    # ------------------------------------------------------------------------- optimizer (after sharding)
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=device.type == "cuda")
+                            lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=True)  # fused: no host sync
 
-    # ------------------------------------------------------------------------- data
-    loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, rank, world, c.seed, device, c.val_fraction,
-                          c.cache_dir or None, quiet=not master)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    full_sd = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     # ------------------------------------------------------------------------- resume
-    step, out = 0, Path(c.out_dir)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-    if c.init_from == "resume":
-        path, ckpt = find_resume(out, c.resume_path)
+    step = 0
+    if ckpt is not None:
         old = ckpt["config"]
         allowed = {"world_size"} if c.allow_world_size_change else set()
         diff = [f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in RESUME_MUST_MATCH
                 if k not in allowed and old.get(k) != cfg.get(k)]
         if diff:
-            raise ValueError(f"checkpoint {path} does not match this run: " + "; ".join(diff))
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+            raise ValueError(f"checkpoint {claim[1]} does not match this run: " + "; ".join(diff))
+        try:
+            set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(raw_model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint {claim[1]}: its model or optimizer state does not fit ({type(e).__name__}: "
+                             f"{str(e)[:300]})") from None
         step = ckpt["step"]
         loader.load_state_dict(ckpt["loader"][rank % len(ckpt["loader"])])
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank])
-        log(f"resumed from {path} at step {step}")
-    model = raw_model
-    if c.compile:
-        raw_model.compile_blocks()
-    if ddp:
-        # Buffers are not broadcast: the expert biases are updated identically on every rank from
-        # all-reduced counts (the keyword was renamed in torch 2.13).
-        DDP = torch.nn.parallel.DistributedDataParallel
-        no_sync_buffers = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                            else "broadcast_buffers"): False}
-        model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None, **no_sync_buffers)
+        log(f"resumed from {claim[1]} at step {step}")
+    del ckpt
 
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * world
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     log(f"config: {json.dumps(cfg)}")
     log(f"parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token; "
-        f"{flops_per_token / 1e6:.1f} MFLOP per token (training)")
+        f"{raw_model.flops_per_token() / 1e6:.1f} MFLOP per token (training, all heads)")
     log(f"tokens per step: {tokens_per_step} = batch_size {c.batch_size} x seq_len {c.seq_len} x "
-        f"grad_accum_steps {c.grad_accum_steps} x world_size {world}; device {device}, compile {c.compile}")
+        f"grad_accum_steps {c.grad_accum_steps} x world_size {world}; device {device}, compile {c.compile}, "
+        f"{'FSDP2' if c.fsdp else 'DDP' if distributed else 'one process'}")
+    if len(stages) > 1 or any(w != 1 for w in stages[0]):
+        log(f"head schedule: " + "; ".join(f"steps {i * c.max_iters // len(stages)}+: w = {list(w)}"
+                                            for i, w in enumerate(stages)))
 
     # ------------------------------------------------------------------------- stop signals
     stop_requested = [False]
 
     def on_signal(signum, frame):  # finish the step, then save and exit 0 on every rank together
         stop_requested[0] = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal or ssh session
+        signal.signal(s, on_signal)
 
-    def run_micro(batch, coef=None):
-        """-> (per-head loss sums, counts, aux loss, expert counts) of one micro-batch. coef: the per-head
-        factors of the backward, so the loss keeps one weight-gradient buffer, not one per head."""
-        with autocast:
-            o = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
-            targets = mtp_targets(batch["input_ids"], batch["doc_ids"], c.n_predict)
-            sums, counts = mtp_loss(o.hidden, raw_model.lm_head.weight, targets, grad_scale=coef)
-        return sums, counts, o.aux_loss, o.expert_counts
-
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        val = PackedLoader(c.data, "val", c.batch_size, c.seq_len, rank, world, 0, device, c.val_fraction,
-                           corpus=loader.corpus)  # a fresh loader: the same held-out rows every time
-        acc = torch.zeros(2 * c.n_predict, device=device, dtype=torch.float64)
-        for _ in range(c.eval_iters * c.grad_accum_steps):
-            sums, counts, _, _ = run_micro(val.next_batch())
-            acc += torch.cat([sums.double(), counts.double()])
-        all_reduce(acc)
-        model.train()
-        sums, counts = acc[:c.n_predict], acc[c.n_predict:].clamp(min=1)
-        return objective(sums, counts, head_w.double()).item(), (sums / counts).tolist()
-
-    def checkpoint(step, val_loss):
-        loader_states = [None] * world
-        rngs = [None] * world
-        if ddp:
+    def checkpoint(step, val):
+        """Gather and write (rank 0) -> True if written. Every rank returns the same; a machine fault
+        (disk full) raises OSError on every rank."""
+        model_sd = get_model_state_dict(raw_model, options=full_sd)  # collective under FSDP
+        optim_sd = get_optimizer_state_dict(raw_model, opt, options=full_sd)
+        loader_states, rngs = [None] * world, [None] * world
+        if distributed:
             dist.all_gather_object(loader_states, loader.state_dict())
             dist.all_gather_object(rngs, rng_state())
-            dist.barrier()
         else:
             loader_states, rngs = [loader.state_dict()], [rng_state()]
+        result = [False, None]  # [written, error]
         if master:
-            if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            if not all(torch.isfinite(t).all() for t in model_sd.values() if t.is_floating_point()):
                 log(f"step {step}: non-finite weights, checkpoint NOT written")
             else:
-                state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step, config=cfg,
-                             loader=loader_states, rng=rngs, val_loss=val_loss)
-                log(f"saved {save_checkpoint(out, step, state, val_loss, c.keep_last)}")
-        if ddp:
-            dist.barrier()
+                state = dict(model=model_sd, optimizer=optim_sd, step=step, config=cfg, run=run, loader=loader_states,
+                             rng=rngs, val_loss=val and val["val_loss"], val_nt_loss=val and val["val_nt_loss"])
+                try:
+                    log(f"saved {save_checkpoint(c.out_dir, step, state, c.keep_last)}")
+                    result[0] = True
+                except OSError as e:
+                    result[1] = str(e)
+        if distributed:
+            dist.broadcast_object_list(result, src=0)
+        if result[1]:
+            raise OSError(f"{result[1]}; the last good checkpoint is {last_saved}")
+        return result[0]
 
     # ------------------------------------------------------------------------- the loop
-    metrics = open(out / "metrics.jsonl", "a") if master else None
+    metrics = open(Path(c.out_dir) / "metrics.jsonl", "a") if master else None
 
     def emit(record, line):
         log(line)
         if metrics:
-            metrics.write(json.dumps(record) + "\n")
+            metrics.write(json.dumps(dict(run=run, **record)) + "\n")
             metrics.flush()
 
-    n_moe = sum(1 for i in range(c.n_layer) if i >= c.n_dense_layers)
-    t_start, t_last, skips, val_loss, last_saved = time.time(), time.time(), 0, None, step or None
-    tok_since, first_step, last_logged = 0.0, step, step
+    emit(dict(event="resume" if step else "start", step=step, time=time.time(), world_size=world),
+         f"run {run}: {'resuming at step ' + str(step) if step else 'starting'}")
+    t_start, first_step, skips, last_saved, stage = time.time(), step, 0, step or None, None
+    interval = dict(train_s=0.0, steps=0, tokens=0.0, flops=0.0)  # training work since the last log line
+    eval_s = []  # durations of evaluations with their checkpoint, for the ETA
     while step < c.max_iters:
+        t0 = time.time()
+        if stage != stage_at(step, stages, c.max_iters):  # a new stage of the head schedule
+            stage = stage_at(step, stages, c.max_iters)
+            weights = stages[stage]
+            heads = [k for k, w in enumerate(weights) if w > 0]
+            model = parallel(heads)
+            head_w = torch.tensor([weights[k] for k in heads], device=device, dtype=torch.float64)
+            flops_per_token = raw_model.flops_per_token(n_heads=len(heads))
+            if len(stages) > 1:
+                log(f"step {step}: stage {stage + 1}/{len(stages)} of the head schedule, heads {[k + 1 for k in heads]}")
         lr = lr_at(step, c)
         for g in opt.param_groups:
             g["lr"] = lr
+
+        # 1. the step's batches, and N_k over the whole step (all micro-batches, all ranks) before any forward
         batches = [loader.next_batch() for _ in range(c.grad_accum_steps)]
-        # N_k over the whole step (all micro-batches, all ranks), counted before any forward.
-        n_k = all_reduce(sum(count_targets(b, c.n_predict) for b in batches).to(device))
+        n_k = sum(count_targets(b, c.n_predict) for b in batches)[heads].to(device)
+        if distributed:
+            dist.all_reduce(n_k)
         coef = step_coefficients(n_k, head_w, world)
-        stats = torch.zeros(2 * c.n_predict + 3 + n_moe * c.n_experts, device=device, dtype=torch.float64)
-        for i, batch in enumerate(batches):
-            sync = nullcontext() if not ddp or i == c.grad_accum_steps - 1 else model.no_sync()
-            with sync:
-                sums, counts, aux, expert_counts = run_micro(batch, coef)
-                if step == c.debug_nan_step and rank == c.debug_nan_rank:
-                    sums = sums * float("nan")
-                micro_loss = (coef * sums).sum() + aux / c.grad_accum_steps
-                micro_loss.backward()
-            stats[:c.n_predict] += sums.detach().double()
-            stats[c.n_predict:2 * c.n_predict] += counts.double()
-            stats[2 * c.n_predict] += aux.detach().double() / (c.grad_accum_steps * world)
-            stats[2 * c.n_predict + 1] += batch["attention_mask"].sum()
-            stats[2 * c.n_predict + 3:] += expert_counts.detach().flatten().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
-        stats[2 * c.n_predict + 2] = float(stop_requested[0] or step + 1 - first_step == c.stop_after)
-        all_reduce(stats)  # one small collective per step: logging values, guards, stop flag
-        head_sums, head_counts = stats[:c.n_predict], stats[c.n_predict:2 * c.n_predict]
-        loss = objective(head_sums, head_counts, head_w.double())
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))  # the same on every rank
-        if n_k.sum() == 0:
+        # 2. forward and backward of each micro-batch
+        acc = forward_backward(model, batches, heads, coef, autocast)
+        # 3. reduce (one small collective) and step, or skip the step on every rank alike
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or float("inf")))
+        s = all_reduce_named(dict(**acc, stop=torch.tensor([float(stop_requested[0])], device=device)), distributed)
+        loss = objective(s["sums"], s["counts"], head_w)
+        finite, stop, any_target = torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), s["stop"][0] > 0,
+                                                n_k.sum() > 0]).tolist()  # the step's one host sync
+        stop = stop or step + 1 - first_step == c.stop_after
+        if not any_target:
             log(f"step {step}: no valid target in the whole step, no optimizer step taken")
         elif not finite:
             skips += 1
@@ -454,50 +755,63 @@ def main(cfg):
                 f"optimizer step skipped ({skips}/{c.max_skips} consecutive)")
             if skips >= c.max_skips:
                 log(f"stopping: {skips} consecutive non-finite steps; the last good checkpoint is {last_saved}")
-                if ddp:
-                    dist.destroy_process_group()
-                sys.exit(1)
+                return 1
         else:
             skips = 0
             opt.step()
             if c.bias_update_rate > 0:
-                raw_model.update_expert_bias(stats[2 * c.n_predict + 3:].view(n_moe, c.n_experts), c.bias_update_rate)
+                raw_model.update_expert_bias(s["load"].view(-1, c.n_experts), c.bias_update_rate)
         opt.zero_grad(set_to_none=True)
         step += 1
-        tok_since += stats[2 * c.n_predict + 1]  # a tensor: read at log time, no extra sync per step
+        if step - first_step == 1:  # measured on this rank's tensors (FSDP: the local shards)
+            pb = sum(local_bytes(p) for p in raw_model.parameters())
+            ob = sum(local_bytes(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+            log(f"memory per rank: parameters {pb / 2**20:.2f} MiB + optimizer state {ob / 2**20:.2f} MiB")
+        interval["steps"] += 1
+        interval["tokens"] += s["real"]  # tensors: read at log time, no extra sync per step
+        interval["flops"] += flops_per_token * tokens_per_step / world
+        interval["train_s"] += time.time() - t0
 
+        # 4. log, evaluate, save
         if step % c.log_interval == 0 or step == c.max_iters:
-            now = time.time()
-            dt, elapsed = now - t_last, now - t_start
-            load = stats[2 * c.n_predict + 3:].view(max(n_moe, 1), -1) if n_moe else torch.ones(1, 1)
-            per_head = (head_sums / head_counts.clamp(min=1)).tolist()
-            achieved = flops_per_token * tokens_per_step * (step - last_logged) / dt if dt > 0 else 0.0
-            peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-            rec = dict(step=step, loss=loss.item(), nt_loss=per_head[0],
-                       **{f"loss_h{k + 1}": v for k, v in enumerate(per_head)},
-                       aux_loss=stats[2 * c.n_predict].item(), grad_norm=grad_norm.item(), lr=lr,
-                       tokens_per_s=float(tok_since) / dt, pad_frac=1 - stats[2 * c.n_predict + 1].item() / (tokens_per_step),
-                       flops_per_s=achieved, mfu=achieved / peak if peak else None,
-                       expert_load=(load.max(1).values / load.mean(1).clamp(min=1)).max().item(),
-                       elapsed_s=elapsed, eta_s=elapsed / step * (c.max_iters - step) if step else None)
-            heads = " ".join(f"h{k + 1} {v:.3f}" for k, v in enumerate(per_head))
-            emit(rec, f"step {step:5d} | loss {rec['loss']:.4f} | nt_loss {rec['nt_loss']:.4f} ({heads}) | "
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # queued work belongs to this interval, not the next
+            dt = max(interval["train_s"], 1e-9)
+            load = s["load"].view(-1, c.n_experts)
+            losses = per_head(s["sums"], s["counts"], heads, c.n_predict)
+            evals_left = sum(1 for t in range(step + 1, c.max_iters + 1) if t % c.eval_interval == 0 or t == c.max_iters)
+            eta = (c.max_iters - step) * dt / interval["steps"] + evals_left * (sum(eval_s) / len(eval_s) if eval_s else 0)
+            flops_s = interval["flops"] / dt
+            rec = dict(step=step, stage=stage + 1, loss=loss.item(), nt_loss=losses[0],
+                       **{f"loss_h{k + 1}": v for k, v in enumerate(losses)},
+                       aux_loss=s["aux"].item(), grad_norm=grad_norm.item(), lr=lr,
+                       tokens_per_s=float(interval["tokens"]) / dt, flops_per_s=flops_s,
+                       mfu=flops_s / peak if peak else None, pad_frac=1 - s["real"].item() / tokens_per_step,
+                       expert_load=(load.max(1).values / load.mean(1).clamp(min=1)).max().item() if len(load) else 1.0,
+                       elapsed_s=time.time() - t_start, eta_s=eta)
+            heads_txt = " ".join(f"h{k + 1} {fmt(v)}" for k, v in enumerate(losses) if v is not None)
+            emit(rec, f"step {step:5d} | loss {rec['loss']:.4f} | nt_loss {fmt(rec['nt_loss'], '.4f')} ({heads_txt}) | "
                       f"aux {rec['aux_loss']:.4f} | gnorm {rec['grad_norm']:.2f} | lr {lr:.2e} | "
-                      f"{rec['tokens_per_s']:.0f} tok/s | {achieved / 1e9:.1f} GFLOP/s"
+                      f"{rec['tokens_per_s']:.0f} tok/s | {flops_s / 1e9:.1f} GFLOP/s per device"
                       + (f" ({100 * rec['mfu']:.1f}% MFU)" if peak else "")
                       + f" | load {rec['expert_load']:.2f} | pad {100 * rec['pad_frac']:.2f}% | "
-                      f"{elapsed:.0f}s, ETA {rec['eta_s']:.0f}s")
-            t_last, tok_since, last_logged = now, 0.0, step
-        stop = stats[2 * c.n_predict + 2].item() > 0
+                      f"{rec['elapsed_s']:.0f}s, ETA {eta:.0f}s")
+            interval = dict(train_s=0.0, steps=0, tokens=0.0, flops=0.0)
         due = step % c.eval_interval == 0 or step == c.max_iters
-        if due:
-            val_loss, val_heads = evaluate()
-            emit(dict(step=step, val_loss=val_loss, val_nt_loss=val_heads[0],
-                      **{f"val_loss_h{k + 1}": v for k, v in enumerate(val_heads)}),
-                 f"step {step:5d} | val_loss {val_loss:.4f} | val_nt_loss {val_heads[0]:.4f}")
         if due or stop:
-            checkpoint(step, val_loss if due else None)
-            last_saved = step
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_eval, val = time.time(), None
+            if due:
+                val = evaluate(fwd, c, rank, world, device, loader.corpus, stages[stage], distributed, autocast)
+                acc_txt = " ".join(f"h{k + 1} {fmt(val[f'val_acc_h{k + 1}'])}" for k in range(c.n_predict))
+                emit(dict(step=step, **val, elapsed_s=time.time() - t_start),
+                     f"step {step:5d} | val_loss {val['val_loss']:.4f} | val_nt_loss {fmt(val['val_nt_loss'], '.4f')} | "
+                     f"acc {acc_txt} | tokens/forward {fmt(val['val_tokens_per_forward'], '.2f')}")
+            if checkpoint(step, val):
+                last_saved = step
+            if due:
+                eval_s.append(time.time() - t_eval)
         if stop:
             log(f"stop requested: saved step {step}, exiting")
             break
@@ -505,24 +819,41 @@ def main(cfg):
     if metrics:
         metrics.close()
     log(f"done: {step} steps in {time.time() - t_start:.0f}s")
-    if ddp:  # a cheap end-of-run check that DDP kept every replica identical
-        fingerprint = torch.stack([sum(p.double().sum() for p in raw_model.parameters()),
-                                   sum(p.double().square().sum() for p in raw_model.parameters())])
+    if distributed:  # a cheap end-of-run check that every replica holds the same weights (FSDP: the same expert
+        tensors = list(raw_model.buffers() if c.fsdp else raw_model.parameters())  # biases; its weights are shards)
+        fingerprint = torch.stack([sum(t.double().sum() for t in tensors), sum(t.double().square().sum() for t in tensors)])
         gathered = [torch.zeros_like(fingerprint) for _ in range(world)]
         dist.all_gather(gathered, fingerprint)
         log(f"replicas identical: {all(torch.equal(g, gathered[0]) for g in gathered)}")
-        dist.barrier()
+    return 0
+
+
+def local_bytes(t):
+    """Bytes this rank holds for t: the local shard of a DTensor."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def cli(argv):
+    """The command line: user errors are one line on stderr and exit code 2; machine faults (disk full) exit 1."""
+    code = 0
+    try:
+        code = main(parse_config(argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    if dist.is_initialized():
+        dist.barrier() if code == 0 else None
         dist.destroy_process_group()
-    return ddp
+        # skip interpreter teardown: gloo worker threads can abort it (pytorch PR 179291)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    try:
-        distributed = main(parse_config(sys.argv[1:]))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if distributed:  # skip interpreter teardown: gloo worker threads can abort it (pytorch PR 179291)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    cli(sys.argv[1:])
