@@ -1,6 +1,6 @@
 """bench.py: the performance report, measured side by side in one run on the current machine.
 
-    python bench.py            # a table (about 4 minutes on 2 CPU cores)
+    python bench.py            # a table (about 3 minutes on 2 CPU cores at 274 GFLOP/s; 5 at 170)
     python bench.py --json     # the same figures as one JSON object
     python bench.py --quick    # fewer repetitions, smaller sizes (a smoke run)
 
@@ -10,6 +10,7 @@ peak resident set size (Linux VmHWM) of a fresh subprocess, and that minus the s
 before the step.
 """
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -19,12 +20,14 @@ import torch
 import torch.nn.functional as F
 
 import data
-from loss import mtp_loss, mtp_loss_reference, mtp_targets
+import train
+from loss import CHUNK_ELEMS, ModelWithLoss, count_targets, mtp_loss, step_coefficients
 from model import Model, ModelConfig, doc_mask, experts_grouped, experts_loop, flex_attention, flex_block_mask
 
 QUICK = "--quick" in sys.argv
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-REPS = 2 if QUICK else 5
+REPS = 2 if QUICK else 3
+BATCH = train.DEFAULTS["batch_size"]  # the model of `python train.py` is ModelConfig() with train.py's batch
 
 
 def sync():
@@ -56,61 +59,51 @@ def matmul_peak():
     return out
 
 
-def default_model_config(**kw):
-    """The model of `python train.py` with no argument (train.py's constants)."""
-    import train
-    d = train.DEFAULTS
-    base = {k: d[k] for k in ("seq_len", "n_layer", "n_head", "n_embd", "n_experts", "top_k", "n_shared_experts",
-                              "n_predict", "tie_embeddings")}
-    return ModelConfig(**{**base, **kw}), d["batch_size"]
-
-
-def train_step_bench(cfg, batch_size, compiled, loader):
+def train_step_bench(cfg, compiled, loader, heads=None):
     torch.manual_seed(0)
     model = Model(cfg).to(DEV)
     if compiled:
         model.compile_blocks()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV.type == "cuda")
-    batches = [loader.next_batch() for _ in range(3)]
+    fwd, heads = ModelWithLoss(model), list(range(cfg.n_predict) if heads is None else heads)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batches = [{k: v.to(DEV) for k, v in loader.next_batch().items()} for _ in range(3)]
     ac = torch.autocast("cuda", torch.bfloat16) if DEV.type == "cuda" else torch.autocast("cpu", enabled=False)
     i = [0]
 
-    def step():
-        b = {k: v.to(DEV) for k, v in batches[i[0] % 3].items()}
+    def step():  # train.py's step on one rank, one micro-batch
+        b = batches[i[0] % 3]
         i[0] += 1
-        tgt = mtp_targets(b["input_ids"], b["doc_ids"], cfg.n_predict)
-        coef = 1.0 / (tgt != -100).sum((1, 2)).clamp(min=1).float()  # as train.py: known before the forward
+        coef = step_coefficients(count_targets(b, cfg.n_predict)[heads].to(DEV), torch.ones(len(heads), device=DEV))
         with ac:
-            out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
-            sums, counts = mtp_loss(out.hidden, model.lm_head.weight, tgt, grad_scale=coef)
-        ((coef * sums).sum() + out.aux_loss).backward()
+            out = fwd(b, heads=heads, grad_scale=coef)
+        ((coef * out.sums).sum() + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     step()  # the first step (compiles when compiled)
     first = time.perf_counter() - t0
-    sec = timed(step, reps=REPS if not QUICK else 2, warmup=1)
+    sec = timed(step, warmup=1)
     real = sum(int(b["attention_mask"].sum()) for b in batches) / 3
-    fpt = model.flops_per_token()
+    fpt = model.flops_per_token(n_heads=len(heads))
     return dict(seconds=sec, first_step_s=first, real_tokens_per_s=real / sec,
-                flops_per_s=fpt * batch_size * cfg.seq_len / sec)
+                flops_per_s=fpt * BATCH * cfg.seq_len / sec)
 
 
 LOSS_CHILD = r"""
 import sys, time, torch
 from model import Model, ModelConfig
-from loss import mtp_loss, mtp_loss_reference, mtp_targets
+from loss import count_targets, mtp_loss, mtp_loss_reference, mtp_targets, step_coefficients
 import bench, data
 n_predict, fused, run = int(sys.argv[1]), sys.argv[2] == "fused", sys.argv[3] == "run"
-cfg, B = bench.default_model_config(n_predict=n_predict)
+cfg = ModelConfig(n_predict=n_predict)
 model = Model(cfg)
-b = data.PackedLoader(batch_size=B, seq_len=cfg.seq_len, quiet=True).next_batch()
+b = data.PackedLoader(batch_size=bench.BATCH, seq_len=cfg.seq_len, quiet=True).next_batch()
 t = 0.0
 if run:
     for _ in range(2):
         t0 = time.perf_counter()
         tgt = mtp_targets(b["input_ids"], b["doc_ids"], n_predict)
-        coef = 1.0 / (tgt != -100).sum((1, 2)).double()  # as train.py: known before the forward
+        coef = step_coefficients(count_targets(b, n_predict), torch.ones(n_predict, dtype=torch.float64))
         out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
         if fused:
             sums, counts = mtp_loss(out.hidden, model.lm_head.weight, tgt, grad_scale=coef)
@@ -139,6 +132,22 @@ def loss_memory(reps=3):
         for fused in ("fused", "materialized"):
             rss, sec = run(fused, "run")
             out[f"{n_predict}_heads_{fused}"] = dict(peak_gib=rss / 2**30, step_gib=(rss - base) / 2**30, seconds=sec)
+    return out
+
+
+def chunk_bench():
+    """The chunked cross-entropy's forward + backward at the default training shape, for several chunk sizes
+    (logits held at once): why CHUNK_ELEMS is what it is on this device."""
+    cfg = ModelConfig()
+    torch.manual_seed(0)
+    h = torch.randn(cfg.n_predict, BATCH, cfg.seq_len, cfg.n_embd, device=DEV, requires_grad=True)
+    w = (0.02 * torch.randn(cfg.vocab_size, cfg.n_embd, device=DEV)).requires_grad_()
+    tgt = torch.randint(0, 50257, (cfg.n_predict, BATCH, cfg.seq_len), device=DEV)
+    scale = torch.ones(cfg.n_predict, device=DEV)
+    out = {}
+    for elems in ((2**21, 2**23, 2**25) if DEV.type == "cpu" else (2**23, 2**25, 2**27)):
+        rows = max(1, elems // cfg.vocab_size)
+        out[elems] = timed(lambda: torch.autograd.grad((scale * mtp_loss(h, w, tgt, rows, grad_scale=scale)[0]).sum(), (h, w)))
     return out
 
 
@@ -204,22 +213,23 @@ def main():
     res = dict(device=torch.cuda.get_device_name() if DEV.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                torch=torch.__version__)
     res["matmul_flops_per_s"] = peak = matmul_peak()
-    cfg, B = default_model_config()
-    loader = data.PackedLoader(batch_size=B, seq_len=cfg.seq_len, quiet=True)
-    big, _ = default_model_config(n_embd=256, n_layer=4, n_head=8)
+    cfg = ModelConfig()  # the model of `python train.py`
+    loader = data.PackedLoader(batch_size=BATCH, seq_len=cfg.seq_len, quiet=True)
+    cases = [("default", cfg, False, None), ("default_1_head", cfg, False, [0]), ("default_compiled", cfg, True, None),
+             ("larger", ModelConfig(n_embd=256, n_layer=4, n_head=8), False, None)]
     res["train_step"] = {}
-    for name, c in (("default", cfg), ("larger", big)):
-        for compiled in (False, True):
-            if QUICK and compiled:
-                continue
-            r = train_step_bench(c, B, compiled, loader)
-            r["utilization_vs_fp32_matmul"] = r["flops_per_s"] / peak["float32"]
-            if "bfloat16" in peak:
-                r["utilization_vs_bf16_matmul"] = r["flops_per_s"] / peak["bfloat16"]
-            res["train_step"][f"{name}_{'compiled' if compiled else 'eager'}"] = r
+    for name, c, compiled, heads in cases:
+        if QUICK and compiled:
+            continue
+        r = train_step_bench(c, compiled, loader, heads)
+        r["utilization_vs_fp32_matmul"] = r["flops_per_s"] / peak["float32"]
+        if "bfloat16" in peak:
+            r["utilization_vs_bf16_matmul"] = r["flops_per_s"] / peak["bfloat16"]
+        res["train_step"][name] = r
     res["packing"] = {str(T): v for T, v in data.packing_report().items()}
-    res["loader"] = loader_bench(res["train_step"]["default_eager"]["real_tokens_per_s"])
+    res["loader"] = loader_bench(res["train_step"]["default"]["real_tokens_per_s"])
     res["loss_memory"] = loss_memory() if DEV.type == "cpu" else "CPU only (peak RSS)"
+    res["loss_chunk_s"] = chunk_bench()
     res["moe_dispatch_s"] = moe_bench()
     res["attention_s"] = attention_bench()
     res["seconds"] = time.time() - t_start
@@ -232,10 +242,10 @@ def main():
     for k, r in res["train_step"].items():
         print(f"  {k:45s} {r['real_tokens_per_s']:10.0f} {r['flops_per_s'] / 1e9:9.1f} "
               f"{100 * r['utilization_vs_fp32_matmul']:9.1f}%  {r['first_step_s']:8.1f}s")
-    if "default_compiled" in res["train_step"]:
-        ts = res["train_step"]
-        print(f"  compiled / eager speed: default {ts['default_eager']['seconds'] / ts['default_compiled']['seconds']:.2f}x, "
-              f"larger {ts['larger_eager']['seconds'] / ts['larger_compiled']['seconds']:.2f}x")
+    ts = res["train_step"]
+    print(f"  4 heads / 1 head, time per step: {ts['default']['seconds'] / ts['default_1_head']['seconds']:.2f}x")
+    if "default_compiled" in ts:
+        print(f"  compiled / eager speed: {ts['default']['seconds'] / ts['default_compiled']['seconds']:.2f}x")
     print("\npacking, real-token fraction (default corpus, one epoch)   packed   one document chunk per row")
     for T, r in res["packing"].items():
         print(f"  seq_len {T:5s} {100 * r['packed']:47.2f}% {100 * r['padded']:10.2f}%")
@@ -251,6 +261,9 @@ def main():
             a, b = lm[f"4_heads_{kind}"], lm[f"1_heads_{kind}"]
             print(f"  4 heads / 1 head, {kind}: peak {a['peak_gib'] / b['peak_gib']:.2f}x, "
                   f"step {a['step_gib'] / b['step_gib']:.2f}x, time {a['seconds'] / b['seconds']:.2f}x")
+    ch = res["loss_chunk_s"]
+    print(f"\nMTP loss forward + backward by chunk (logits held at once; CHUNK_ELEMS here: {CHUNK_ELEMS.get(DEV.type)}): "
+          + ", ".join(f"2^{int(math.log2(e))} {1e3 * t:.0f} ms" for e, t in ch.items()))
     m = res["moe_dispatch_s"]
     print(f"\nMoE dispatch, 8 experts top-2, forward+backward: loop {1e3 * m['loop']:.1f} ms, grouped "
           f"{m['grouped'] / m['loop']:.2f}x loop's time, every expert on every token {m['dense'] / m['loop']:.2f}x")

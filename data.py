@@ -164,10 +164,10 @@ def split_text(text):
 
 
 def _iter_texts(kind, paths):
-    """Yield (raw bytes of one document, where it came from)."""
+    """Yield the raw bytes of each document (errors name the file and line themselves)."""
     for path in paths:
         if kind == "text":
-            yield path.read_bytes(), str(path)
+            yield path.read_bytes()
             continue
         if kind == "textfile":
             raw = path.read_bytes()
@@ -179,8 +179,8 @@ def _iter_texts(kind, paths):
                                  f"lines into documents of at least {MIN_DOC_CHARS} characters and a train/val "
                                  f"split needs 2: give more than {MIN_DOC_CHARS} characters with a blank line "
                                  f"after the first {MIN_DOC_CHARS}, or a folder of files")
-            for i, d in enumerate(docs):
-                yield d.encode("utf-8", "surrogateescape"), f"{path} document {i}"
+            for d in docs:
+                yield d.encode("utf-8", "surrogateescape")
             continue
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -192,7 +192,7 @@ def _iter_texts(kind, paths):
                     raise ValueError(f"{path}: line {lineno}: expected a JSON object with a \"text\" string ({e!r})")
                 if not isinstance(text, str):
                     raise ValueError(f"{path}: line {lineno}: \"text\" is {type(text).__name__}, expected a string")
-                yield text.encode("utf-8", "surrogatepass"), f"{path}:{lineno}"
+                yield text.encode("utf-8", "surrogatepass")
 
 
 def _alive(pid):
@@ -226,6 +226,8 @@ def _build_cache(kind, paths, out_dir, quiet):
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not quiet:
+            print(file=sys.stderr)  # end the progress line
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"disk full while building the token cache {out_dir} (2 bytes per "
                                         "token); free space there or set cache_dir to another disk") from e
@@ -257,7 +259,7 @@ def _tokenize(kind, paths, tmp, quiet):
 
     with open(tmp / "tokens.u16", "wb") as f:
         texts = []
-        for raw, where in _iter_texts(kind, paths):
+        for raw in _iter_texts(kind, paths):
             done_bytes += len(raw)
             try:
                 text = raw.decode("utf-8")

@@ -218,7 +218,7 @@ def test_negative_control_attention_across_documents():
 
 if __name__ == "__main__":
     failed = 0
-    for name, fn in [(n, f) for n, f in list(globals().items()) if n.startswith("test_")]:
+    for fn in [f for n, f in list(globals().items()) if n.startswith("test_")]:
         try:
             fn()
             print(f"\u2713 {fn.__doc__}")

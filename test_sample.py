@@ -32,7 +32,7 @@ def cyclic_model():
     model = tiny()
     pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(150):
+    for _ in range(150):
         offsets = torch.randint(0, 16, (8,))
         ids = torch.stack([pattern.roll(-int(o)).repeat(4) for o in offsets])  # (8, 64)
         doc = torch.zeros_like(ids, dtype=torch.int32)

@@ -519,3 +519,29 @@ def test_gpu_preset_parses_and_trains_on_shards(tmp_path):
               "--grad_accum_steps=1", "--max_iters=2", "--warmup_iters=1", "--compile=False", "--eval_iters=1",
               "--log_interval=1", f"--out_dir={tmp_path / 'out'}", tiny=False)
     assert [r["step"] for r in metrics(tmp_path / "out") if "loss" in r] == [1, 2]
+
+
+def test_head_schedule_drops_heads_and_resumes_across_stages(tmp_path):
+    args = ["--max_iters=6", "--mtp_schedule=1,1,1,1;1,.5;1", "--eval_interval=2", "--grad_accum_steps=2", "--keep_last=0"]
+    log = train_run(tmp_path / "full", *args, nproc=2)
+    assert "replicas identical: True" in log and "stage 3/3 of the head schedule, heads [1]" in log
+    rows = {r["step"]: r for r in metrics(tmp_path / "full") if "loss" in r}
+    h = lambda r, k: r[f"loss_h{k}"]
+    for s in (1, 2):  # stage 1: four heads of weight 1
+        assert rows[s]["loss"] == pytest.approx(sum(h(rows[s], k) for k in range(1, 5)), rel=1e-12)
+    for s in (3, 4):  # stage 2: heads 1 and 2, head 2 at half weight; heads 3, 4 not computed
+        assert rows[s]["loss"] == pytest.approx(h(rows[s], 1) + 0.5 * h(rows[s], 2), rel=1e-12)
+        assert h(rows[s], 3) is None and h(rows[s], 4) is None
+    for s in (5, 6):  # stage 3: the next-token loss alone
+        assert rows[s]["loss"] == pytest.approx(rows[s]["nt_loss"], rel=1e-12) and h(rows[s], 2) is None
+    ck = {s: weights(tmp_path / "full" / f"ckpt_{s:07d}.pt") for s in (2, 4, 6)}
+    for name in ck[2]:  # a dropped head keeps the weights it had when dropped (no gradient, no decay)
+        if name.startswith(("heads.2.", "heads.3.")):
+            assert torch.equal(ck[2][name], ck[6][name]), name
+        if name.startswith("heads.1."):
+            assert torch.equal(ck[4][name], ck[6][name]) and not torch.equal(ck[2][name], ck[4][name]), name
+    evals = [r for r in metrics(tmp_path / "full") if "val_loss" in r]
+    assert all(r["val_accept_h4"] is not None for r in evals)  # the drafters are evaluated in every stage
+    train_run(tmp_path / "split", *args, "--stop_after=3", nproc=2)  # stops inside stage 2
+    train_run(tmp_path / "split", *args, "--init_from=resume", nproc=2)
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bit-exact across the boundary

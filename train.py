@@ -34,6 +34,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -46,6 +47,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from data import GPT2_VOCAB, PackedLoader
 from loss import ModelWithLoss, count_targets, head_agreement, mtp_targets, objective, step_coefficients
@@ -117,8 +120,8 @@ def parse_value(name, text, where, defaults):
         value = text  # a bare word: a string
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = text  # --mtp_schedule=1 is the string "1"
+    if isinstance(default, str) and not isinstance(value, str):
+        value = text  # a string setting takes the text as written: --mtp_schedule=1,.5 is "1,.5", not a tuple
     ok = (value is None or isinstance(value, str)) if default is None else type(value) is type(default)
     if not ok:
         raise ValueError(f"{where}: {name}={value!r} is {type(value).__name__}, expected "
@@ -256,9 +259,9 @@ def write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"disk full writing {path} (the previous files are intact)") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(path.parent).free < 2**20:
+            raise OSError(errno.ENOSPC, f"disk full writing {path} (the previous files are intact)") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -503,22 +506,22 @@ def per_head(sums, counts, heads, n):
 
 
 @torch.no_grad()
-def evaluate(fwd, c, rank, world, device, corpus, weights, distributed, autocast):
+def evaluate(fwd, c, env, corpus, weights):
     """Held-out losses of every head, their accuracy and acceptance (loss.head_agreement), exact over the
     global evaluation set: sums and counts all-reduced, like the training losses."""
     fwd.eval()
-    val = PackedLoader(c.data, "val", c.batch_size, c.seq_len, rank, world, 0, device, c.val_fraction,
+    val = PackedLoader(c.data, "val", c.batch_size, c.seq_len, env.rank, env.world, 0, env.device, c.val_fraction,
                        corpus=corpus)  # a fresh loader: the same held-out rows every time
     n, tot = c.n_predict, None
     for _ in range(c.eval_iters * c.grad_accum_steps):
         batch = val.next_batch()
-        with autocast:
+        with env.autocast:
             out = fwd(batch, predict=True)
         pieces = dict(sums=out.sums, counts=out.counts,
                       **head_agreement(out.preds, mtp_targets(batch["input_ids"], batch["doc_ids"], n)))
         tot = pieces if tot is None else {k: tot[k] + v for k, v in pieces.items()}
     fwd.train()
-    s = all_reduce_named(tot, distributed)
+    s = all_reduce_named(tot, env.distributed)
     ratio = lambda a, b: [x / y if y else None for x, y in zip(s[a].tolist(), s[b].tolist())]
     losses = per_head(s["sums"], s["counts"], range(n), n)
     rec = dict(val_loss=objective(s["sums"], s["counts"], torch.tensor(weights, dtype=torch.float64)).item(),
@@ -533,14 +536,13 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the run's pieces
 
-def main(cfg):
+def setup(cfg):
+    """Settings checked, device chosen, process group joined -> (c, env). env holds what every piece of the run
+    reads: rank, world, local_rank, device, distributed, master, log, autocast."""
     check_config(cfg)
     c = SimpleNamespace(**cfg)  # attribute access: c.learning_rate
-    stages = parse_schedule(c.mtp_schedule, c.n_predict)
-
-    # ------------------------------------------------------------------------- setup: device, DDP / FSDP
     distributed = "RANK" in os.environ
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = resolve_device(c.device)
@@ -549,7 +551,7 @@ def main(cfg):
     if c.fsdp and not distributed:
         raise ValueError("fsdp=True needs several processes: launch with torchrun --nproc_per_node=N")
     need, have = attention_bytes(c.batch_size, c.seq_len, c.n_head, device, c.attn_backend), available_bytes(device)
-    if need > have:
+    if need > have:  # checked before the mask is allocated
         raise ValueError(f"seq_len={c.seq_len} with batch_size={c.batch_size} needs {need / 2**30:.1f} GiB for the "
                          f"dense attention mask and scores, and {device} has {have / 2**30:.1f} GiB available: "
                          "lower seq_len or batch_size")
@@ -559,152 +561,176 @@ def main(cfg):
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     cfg["world_size"] = world
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and c.dtype == "auto" else nullcontext()
+    return c, SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device, distributed=distributed,
+                              master=rank == 0, log=log, autocast=autocast)
 
-    # ------------------------------------------------------------------------- out_dir: lock, rules, resume point
-    run = secrets.token_hex(4)
-    claim = [None, None]  # [error message, checkpoint to resume]; decided by rank 0, shared by all
-    if master:
+
+def claim(c, env):
+    """Rank 0 locks out_dir and applies its rules (claim_out_dir); every rank learns the outcome and loads the
+    checkpoint to resume (a shared filesystem) -> (run id, checkpoint or None, its path, the lock)."""
+    run, lock, decided = secrets.token_hex(4), None, [None, None]  # [error, checkpoint path]
+    if env.master:
         try:
             lock, resume = claim_out_dir(c, run)
-            claim[1] = str(resume) if resume else None
+            decided[1] = str(resume) if resume else None
         except ValueError as e:
-            claim[0] = str(e)
-    if distributed:
-        dist.broadcast_object_list(claim, src=0)
-    if claim[0]:
-        raise ValueError(claim[0])
-    ckpt = load_checkpoint(claim[1]) if claim[1] else None
-    if ckpt is not None:
-        run = str(ckpt.get("run", run))
-    cfg["run"] = run
+            decided[0] = str(e)
+    if env.distributed:
+        dist.broadcast_object_list(decided, src=0)
+    if decided[0]:
+        raise ValueError(decided[0])
+    ckpt = load_checkpoint(decided[1]) if decided[1] else None
+    return (str(ckpt.get("run", run)) if ckpt else run), ckpt, decided[1], lock
 
-    # ------------------------------------------------------------------------- data
-    random.seed(c.seed + rank)
-    np.random.seed(c.seed + rank)
-    loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, rank, world, c.seed, device, c.val_fraction,
-                          c.cache_dir or None, quiet=not master)
-    cfg["data_fingerprint"] = loader.corpus.fingerprint
-    longest = int(min(c.seq_len, loader.corpus.length[loader.docs].max()))
-    for k in range(longest, c.n_predict + 1):
-        log(f"warning: head {k} has no target: the longest training document has {longest} tokens (with its EOTs)")
 
-    # ------------------------------------------------------------------------- model
-    mcfg = ModelConfig(**{k: cfg[k] for k in MODEL_FIELDS})
-    torch.manual_seed(c.seed)  # the same initial weights on every rank
-    raw_model = Model(mcfg).to(device, torch.float64 if c.dtype == "float64" else torch.float32)
-    torch.manual_seed(c.seed + rank)  # dropout / router noise differ per rank
-    n_total, n_active = raw_model.param_counts()
+def build(c, cfg, env):
+    """The model (the same initial weights on every rank; blocks compiled; FSDP-sharded when asked), the module
+    a step calls (model and loss: loss.ModelWithLoss) and AdamW, built after sharding -> (raw_model, fwd, opt)."""
+    torch.manual_seed(c.seed)
+    raw_model = Model(ModelConfig(**{k: cfg[k] for k in MODEL_FIELDS}))
+    raw_model.to(env.device, torch.float64 if c.dtype == "float64" else torch.float32)
+    torch.manual_seed(c.seed + env.rank)  # dropout / router noise differ per rank
     if c.compile:
         raw_model.compile_blocks()
-    fwd = ModelWithLoss(raw_model)  # model and loss in one forward (loss.py says why)
+    fwd = ModelWithLoss(raw_model)
     if c.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in list(raw_model.blocks) + list(raw_model.heads):
             fully_shard(block)  # each block its own unit; the root (embedding, norm, unembedding) last
         fully_shard(fwd)
-    use_bf16 = device.type == "cuda" and c.dtype == "auto"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    def parallel(heads):
-        """The module a training step calls: DDP over the running heads' parameters, FSDP's root, or fwd."""
-        if not distributed or c.fsdp:
-            return fwd
-        for i, head in enumerate(raw_model.heads):  # DDP requires every registered parameter to get a gradient
-            head.requires_grad_(i in heads)
-        # Buffers are not broadcast: the expert biases are updated identically on every rank from all-reduced
-        # counts. (DDP still copies them from rank 0 once, here; they are equal anyway.)
-        DDP = torch.nn.parallel.DistributedDataParallel
-        no_sync_buffers = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                            else "broadcast_buffers"): False}  # the keyword was renamed in torch 2.13
-        return DDP(fwd, device_ids=[local_rank] if device.type == "cuda" else None, **no_sync_buffers)
-
-    # ------------------------------------------------------------------------- optimizer (after sharding)
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=True)  # fused: no host sync
+    return raw_model, fwd, opt
 
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+
+def parallel(fwd, heads, c, env):
+    """The module a training step calls: DDP over the running heads' parameters, FSDP's root, or fwd itself."""
+    if not env.distributed or c.fsdp:
+        return fwd  # FSDP2 needs nothing per stage: a unit that does not run gathers and reduces nothing
+    for i, head in enumerate(fwd.model.heads):  # DDP requires every registered parameter to get a gradient
+        head.requires_grad_(i in heads)
+    # Buffers are not broadcast: the expert biases are updated identically on every rank from all-reduced
+    # counts (DDP still copies rank 0's once, here; they are equal anyway).
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_sync_buffers = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                        else "broadcast_buffers"): False}  # the keyword was renamed in torch 2.13
+    return DDP(fwd, device_ids=[env.local_rank] if env.device.type == "cuda" else None, **no_sync_buffers)
+
+
+def restore(ckpt, path, raw_model, opt, loader, cfg, c, env):
+    """Refuse a checkpoint of another shape, data or seed (the differing fields named), then load it -> step."""
+    old = ckpt["config"]
+    allowed = {"world_size"} if c.allow_world_size_change else set()
+    diff = [f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in RESUME_MUST_MATCH if k not in allowed and old.get(k) != cfg.get(k)]
+    if diff:
+        raise ValueError(f"checkpoint {path} does not match this run: " + "; ".join(diff))
+    try:  # full state dicts: the same file serves one process, DDP and FSDP (each rank takes its shard)
+        set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(raw_model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: its model or optimizer state does not fit "
+                         f"({type(e).__name__}: {str(e)[:300]})") from None
+    loader.load_state_dict(ckpt["loader"][env.rank % len(ckpt["loader"])])
+    if len(ckpt["rng"]) == env.world:
+        set_rng_state(ckpt["rng"][env.rank])
+    env.log(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def save(step, val, raw_model, opt, loader, cfg, c, env):
+    """Gather (a collective under FSDP) and write on rank 0 -> True if written, the same on every rank. Non-finite
+    weights are never written; a fault of the machine (disk full) raises OSError on every rank."""
     full_sd = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(raw_model, options=full_sd)
+    optim_sd = get_optimizer_state_dict(raw_model, opt, options=full_sd)
+    loaders, rngs = [loader.state_dict()], [rng_state()]
+    if env.distributed:
+        loaders, rngs = [None] * env.world, [None] * env.world
+        dist.all_gather_object(loaders, loader.state_dict())
+        dist.all_gather_object(rngs, rng_state())
+    result = [False, None]  # [written, error]
+    if env.master:
+        if not all(torch.isfinite(t).all() for t in model_sd.values() if t.is_floating_point()):
+            env.log(f"step {step}: non-finite weights, checkpoint NOT written")
+        else:
+            state = dict(model=model_sd, optimizer=optim_sd, step=step, config=cfg, run=cfg["run"], loader=loaders,
+                         rng=rngs, val_loss=val and val["val_loss"], val_nt_loss=val and val["val_nt_loss"])
+            try:
+                env.log(f"saved {save_checkpoint(c.out_dir, step, state, c.keep_last)}")
+                result[0] = True
+            except OSError as e:
+                result[1] = e.strerror or str(e)
+    if env.distributed:
+        dist.broadcast_object_list(result, src=0)
+    if result[1]:
+        raise OSError(result[1])
+    return result[0]
 
-    # ------------------------------------------------------------------------- resume
-    step = 0
-    if ckpt is not None:
-        old = ckpt["config"]
-        allowed = {"world_size"} if c.allow_world_size_change else set()
-        diff = [f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in RESUME_MUST_MATCH
-                if k not in allowed and old.get(k) != cfg.get(k)]
-        if diff:
-            raise ValueError(f"checkpoint {claim[1]} does not match this run: " + "; ".join(diff))
-        try:
-            set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-            set_optimizer_state_dict(raw_model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"checkpoint {claim[1]}: its model or optimizer state does not fit ({type(e).__name__}: "
-                             f"{str(e)[:300]})") from None
-        step = ckpt["step"]
-        loader.load_state_dict(ckpt["loader"][rank % len(ckpt["loader"])])
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        log(f"resumed from {claim[1]} at step {step}")
+
+def train_record(step, stage, s, loss, grad_norm, lr, heads, interval, elapsed, eta, c, peak, tokens_per_step):
+    """The log line of a step and its metrics.jsonl record, from the step's reduced sums (read here: a sync)."""
+    dt = max(interval["train_s"], 1e-9)  # training time only: evaluations and checkpoints excluded
+    load = s["load"].view(-1, c.n_experts)
+    losses = per_head(s["sums"], s["counts"], heads, c.n_predict)
+    flops = interval["flops"] / dt
+    rec = dict(step=step, stage=stage + 1, loss=loss.item(), nt_loss=losses[0],
+               **{f"loss_h{k + 1}": v for k, v in enumerate(losses)}, aux_loss=s["aux"].item(), grad_norm=grad_norm.item(),
+               lr=lr, tokens_per_s=float(interval["tokens"]) / dt, flops_per_s=flops, mfu=flops / peak if peak else None,
+               pad_frac=1 - s["real"].item() / tokens_per_step,
+               expert_load=(load.max(1).values / load.mean(1).clamp(min=1)).max().item() if len(load) else 1.0,
+               elapsed_s=elapsed, eta_s=eta)
+    heads_txt = " ".join(f"h{k + 1} {v:.3f}" for k, v in enumerate(losses) if v is not None)
+    line = (f"step {step:5d} | loss {rec['loss']:.4f} | nt_loss {fmt(losses[0], '.4f')} ({heads_txt}) | "
+            f"aux {rec['aux_loss']:.4f} | gnorm {rec['grad_norm']:.2f} | lr {lr:.2e} | {rec['tokens_per_s']:.0f} tok/s | "
+            f"{flops / 1e9:.1f} GFLOP/s per device" + (f" ({100 * rec['mfu']:.1f}% MFU)" if peak else "")
+            + f" | load {rec['expert_load']:.2f} | pad {100 * rec['pad_frac']:.2f}% | {rec['elapsed_s']:.0f}s, ETA {eta:.0f}s")
+    return rec, line
+
+
+def local_bytes(t):
+    """Bytes this rank holds for t: the local shard of a DTensor."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(cfg):
+    c, env = setup(cfg)
+    stages, log = parse_schedule(c.mtp_schedule, c.n_predict), env.log
+    run, ckpt, ckpt_path, lock = claim(c, env)
+    cfg["run"] = run
+    random.seed(c.seed + env.rank)
+    np.random.seed(c.seed + env.rank)
+    loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, env.rank, env.world, c.seed, env.device,
+                          c.val_fraction, c.cache_dir or None, quiet=not env.master)
+    cfg["data_fingerprint"] = loader.corpus.fingerprint
+    longest = int(min(c.seq_len, loader.corpus.length[loader.docs].max()))
+    for k in range(longest, c.n_predict + 1):
+        log(f"warning: head {k} has no target: the longest training document has {longest} tokens (with its EOTs)")
+    raw_model, fwd, opt = build(c, cfg, env)
+    step = restore(ckpt, ckpt_path, raw_model, opt, loader, cfg, c, env) if ckpt else 0
     del ckpt
-
-    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * world
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
+    peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
+    n_total, n_active = raw_model.param_counts()
     log(f"config: {json.dumps(cfg)}")
     log(f"parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token; "
         f"{raw_model.flops_per_token() / 1e6:.1f} MFLOP per token (training, all heads)")
-    log(f"tokens per step: {tokens_per_step} = batch_size {c.batch_size} x seq_len {c.seq_len} x "
-        f"grad_accum_steps {c.grad_accum_steps} x world_size {world}; device {device}, compile {c.compile}, "
-        f"{'FSDP2' if c.fsdp else 'DDP' if distributed else 'one process'}")
+    log(f"tokens per step: {tokens_per_step} = batch_size {c.batch_size} x seq_len {c.seq_len} x grad_accum_steps "
+        f"{c.grad_accum_steps} x world_size {env.world}; device {env.device}, compile {c.compile}, "
+        f"{'FSDP2' if c.fsdp else 'DDP' if env.distributed else 'one process'}")
     if len(stages) > 1 or any(w != 1 for w in stages[0]):
-        log(f"head schedule: " + "; ".join(f"steps {i * c.max_iters // len(stages)}+: w = {list(w)}"
-                                            for i, w in enumerate(stages)))
-
-    # ------------------------------------------------------------------------- stop signals
-    stop_requested = [False]
-
-    def on_signal(signum, frame):  # finish the step, then save and exit 0 on every rank together
-        stop_requested[0] = True
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal or ssh session
-        signal.signal(s, on_signal)
-
-    def checkpoint(step, val):
-        """Gather and write (rank 0) -> True if written. Every rank returns the same; a machine fault
-        (disk full) raises OSError on every rank."""
-        model_sd = get_model_state_dict(raw_model, options=full_sd)  # collective under FSDP
-        optim_sd = get_optimizer_state_dict(raw_model, opt, options=full_sd)
-        loader_states, rngs = [None] * world, [None] * world
-        if distributed:
-            dist.all_gather_object(loader_states, loader.state_dict())
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            loader_states, rngs = [loader.state_dict()], [rng_state()]
-        result = [False, None]  # [written, error]
-        if master:
-            if not all(torch.isfinite(t).all() for t in model_sd.values() if t.is_floating_point()):
-                log(f"step {step}: non-finite weights, checkpoint NOT written")
-            else:
-                state = dict(model=model_sd, optimizer=optim_sd, step=step, config=cfg, run=run, loader=loader_states,
-                             rng=rngs, val_loss=val and val["val_loss"], val_nt_loss=val and val["val_nt_loss"])
-                try:
-                    log(f"saved {save_checkpoint(c.out_dir, step, state, c.keep_last)}")
-                    result[0] = True
-                except OSError as e:
-                    result[1] = str(e)
-        if distributed:
-            dist.broadcast_object_list(result, src=0)
-        if result[1]:
-            raise OSError(f"{result[1]}; the last good checkpoint is {last_saved}")
-        return result[0]
-
-    # ------------------------------------------------------------------------- the loop
-    metrics = open(Path(c.out_dir) / "metrics.jsonl", "a") if master else None
+        log("head schedule: " + "; ".join(f"steps {i * c.max_iters // len(stages)}+: w = {list(w)}" for i, w in enumerate(stages)))
+    stop_requested = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal or ssh session
+        signal.signal(sig, lambda signum, frame: stop_requested.append(signum))  # finish the step, save, exit 0
+    metrics = open(Path(c.out_dir) / "metrics.jsonl", "a") if env.master else None
 
     def emit(record, line):
         log(line)
@@ -712,19 +738,16 @@ def main(cfg):
             metrics.write(json.dumps(dict(run=run, **record)) + "\n")
             metrics.flush()
 
-    emit(dict(event="resume" if step else "start", step=step, time=time.time(), world_size=world),
+    emit(dict(event="resume" if step else "start", step=step, time=time.time(), world_size=env.world),
          f"run {run}: {'resuming at step ' + str(step) if step else 'starting'}")
-    t_start, first_step, skips, last_saved, stage = time.time(), step, 0, step or None, None
-    interval = dict(train_s=0.0, steps=0, tokens=0.0, flops=0.0)  # training work since the last log line
-    eval_s = []  # durations of evaluations with their checkpoint, for the ETA
+    first_step, skips, last_saved, stage, eval_s = step, 0, step or None, None, []
+    t_start, interval = time.time(), dict(train_s=0.0, steps=0, tokens=0.0, flops=0.0)  # training since the last log
     while step < c.max_iters:
         t0 = time.time()
         if stage != stage_at(step, stages, c.max_iters):  # a new stage of the head schedule
             stage = stage_at(step, stages, c.max_iters)
-            weights = stages[stage]
-            heads = [k for k, w in enumerate(weights) if w > 0]
-            model = parallel(heads)
-            head_w = torch.tensor([weights[k] for k in heads], device=device, dtype=torch.float64)
+            heads = [k for k, w in enumerate(stages[stage]) if w > 0]
+            model, head_w = parallel(fwd, heads, c, env), torch.tensor([stages[stage][k] for k in heads], device=env.device)
             flops_per_token = raw_model.flops_per_token(n_heads=len(heads))
             if len(stages) > 1:
                 log(f"step {step}: stage {stage + 1}/{len(stages)} of the head schedule, heads {[k + 1 for k in heads]}")
@@ -734,30 +757,29 @@ def main(cfg):
 
         # 1. the step's batches, and N_k over the whole step (all micro-batches, all ranks) before any forward
         batches = [loader.next_batch() for _ in range(c.grad_accum_steps)]
-        n_k = sum(count_targets(b, c.n_predict) for b in batches)[heads].to(device)
-        if distributed:
+        n_k = sum(count_targets(b, c.n_predict) for b in batches)[heads].to(env.device)
+        if env.distributed:
             dist.all_reduce(n_k)
-        coef = step_coefficients(n_k, head_w, world)
+        coef = step_coefficients(n_k, head_w, env.world)
         # 2. forward and backward of each micro-batch
-        acc = forward_backward(model, batches, heads, coef, autocast)
-        # 3. reduce (one small collective) and step, or skip the step on every rank alike
+        acc = forward_backward(model, batches, heads, coef, env.autocast)
+        # 3. reduce (one small collective), then step, or skip the step on every rank alike
         grad_norm = full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or float("inf")))
-        s = all_reduce_named(dict(**acc, stop=torch.tensor([float(stop_requested[0])], device=device)), distributed)
+        s = all_reduce_named(dict(**acc, stop=torch.tensor([float(bool(stop_requested))], device=env.device)), env.distributed)
         loss = objective(s["sums"], s["counts"], head_w)
         finite, stop, any_target = torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), s["stop"][0] > 0,
                                                 n_k.sum() > 0]).tolist()  # the step's one host sync
         stop = stop or step + 1 - first_step == c.stop_after
+        skips = 0 if finite or not any_target else skips + 1
         if not any_target:
             log(f"step {step}: no valid target in the whole step, no optimizer step taken")
         elif not finite:
-            skips += 1
             log(f"warning: step {step}: non-finite loss {loss.item()} or grad norm {grad_norm.item()}, "
                 f"optimizer step skipped ({skips}/{c.max_skips} consecutive)")
             if skips >= c.max_skips:
                 log(f"stopping: {skips} consecutive non-finite steps; the last good checkpoint is {last_saved}")
                 return 1
         else:
-            skips = 0
             opt.step()
             if c.bias_update_rate > 0:
                 raw_model.update_expert_bias(s["load"].view(-1, c.n_experts), c.bias_update_rate)
@@ -769,69 +791,51 @@ def main(cfg):
             log(f"memory per rank: parameters {pb / 2**20:.2f} MiB + optimizer state {ob / 2**20:.2f} MiB")
         interval["steps"] += 1
         interval["tokens"] += s["real"]  # tensors: read at log time, no extra sync per step
-        interval["flops"] += flops_per_token * tokens_per_step / world
-        interval["train_s"] += time.time() - t0
+        interval["flops"] += flops_per_token * tokens_per_step / env.world  # per device
+        t_end = time.time()
+        interval["train_s"] += t_end - t0
 
         # 4. log, evaluate, save
         if step % c.log_interval == 0 or step == c.max_iters:
-            if device.type == "cuda":
+            if env.device.type == "cuda":
                 torch.cuda.synchronize()  # queued work belongs to this interval, not the next
-            dt = max(interval["train_s"], 1e-9)
-            load = s["load"].view(-1, c.n_experts)
-            losses = per_head(s["sums"], s["counts"], heads, c.n_predict)
+                interval["train_s"] += time.time() - t_end
             evals_left = sum(1 for t in range(step + 1, c.max_iters + 1) if t % c.eval_interval == 0 or t == c.max_iters)
-            eta = (c.max_iters - step) * dt / interval["steps"] + evals_left * (sum(eval_s) / len(eval_s) if eval_s else 0)
-            flops_s = interval["flops"] / dt
-            rec = dict(step=step, stage=stage + 1, loss=loss.item(), nt_loss=losses[0],
-                       **{f"loss_h{k + 1}": v for k, v in enumerate(losses)},
-                       aux_loss=s["aux"].item(), grad_norm=grad_norm.item(), lr=lr,
-                       tokens_per_s=float(interval["tokens"]) / dt, flops_per_s=flops_s,
-                       mfu=flops_s / peak if peak else None, pad_frac=1 - s["real"].item() / tokens_per_step,
-                       expert_load=(load.max(1).values / load.mean(1).clamp(min=1)).max().item() if len(load) else 1.0,
-                       elapsed_s=time.time() - t_start, eta_s=eta)
-            heads_txt = " ".join(f"h{k + 1} {fmt(v)}" for k, v in enumerate(losses) if v is not None)
-            emit(rec, f"step {step:5d} | loss {rec['loss']:.4f} | nt_loss {fmt(rec['nt_loss'], '.4f')} ({heads_txt}) | "
-                      f"aux {rec['aux_loss']:.4f} | gnorm {rec['grad_norm']:.2f} | lr {lr:.2e} | "
-                      f"{rec['tokens_per_s']:.0f} tok/s | {flops_s / 1e9:.1f} GFLOP/s per device"
-                      + (f" ({100 * rec['mfu']:.1f}% MFU)" if peak else "")
-                      + f" | load {rec['expert_load']:.2f} | pad {100 * rec['pad_frac']:.2f}% | "
-                      f"{rec['elapsed_s']:.0f}s, ETA {eta:.0f}s")
-            interval = dict(train_s=0.0, steps=0, tokens=0.0, flops=0.0)
+            eta = ((c.max_iters - step) * interval["train_s"] / interval["steps"]  # this process's own pace
+                   + evals_left * (sum(eval_s) / len(eval_s) if eval_s else 0.0))
+            emit(*train_record(step, stage, s, loss, grad_norm, lr, heads, interval, time.time() - t_start, eta, c, peak,
+                               tokens_per_step))
+            interval.update(train_s=0.0, steps=0, tokens=0.0, flops=0.0)
         due = step % c.eval_interval == 0 or step == c.max_iters
         if due or stop:
-            if device.type == "cuda":
+            if env.device.type == "cuda":
                 torch.cuda.synchronize()
             t_eval, val = time.time(), None
             if due:
-                val = evaluate(fwd, c, rank, world, device, loader.corpus, stages[stage], distributed, autocast)
+                val = evaluate(fwd, c, env, loader.corpus, stages[stage])
                 acc_txt = " ".join(f"h{k + 1} {fmt(val[f'val_acc_h{k + 1}'])}" for k in range(c.n_predict))
                 emit(dict(step=step, **val, elapsed_s=time.time() - t_start),
                      f"step {step:5d} | val_loss {val['val_loss']:.4f} | val_nt_loss {fmt(val['val_nt_loss'], '.4f')} | "
                      f"acc {acc_txt} | tokens/forward {fmt(val['val_tokens_per_forward'], '.2f')}")
-            if checkpoint(step, val):
-                last_saved = step
+            try:
+                last_saved = step if save(step, val, raw_model, opt, loader, cfg, c, env) else last_saved
+            except OSError as e:
+                raise OSError(f"{e}; the last good checkpoint is {last_saved}") from None
             if due:
                 eval_s.append(time.time() - t_eval)
         if stop:
             log(f"stop requested: saved step {step}, exiting")
             break
-
     if metrics:
         metrics.close()
     log(f"done: {step} steps in {time.time() - t_start:.0f}s")
-    if distributed:  # a cheap end-of-run check that every replica holds the same weights (FSDP: the same expert
+    if env.distributed:  # a cheap end-of-run check that every replica holds the same weights (FSDP: the same expert
         tensors = list(raw_model.buffers() if c.fsdp else raw_model.parameters())  # biases; its weights are shards)
         fingerprint = torch.stack([sum(t.double().sum() for t in tensors), sum(t.double().square().sum() for t in tensors)])
-        gathered = [torch.zeros_like(fingerprint) for _ in range(world)]
+        gathered = [torch.zeros_like(fingerprint) for _ in range(env.world)]
         dist.all_gather(gathered, fingerprint)
         log(f"replicas identical: {all(torch.equal(g, gathered[0]) for g in gathered)}")
     return 0
-
-
-def local_bytes(t):
-    """Bytes this rank holds for t: the local shard of a DTensor."""
-    t = t.to_local() if hasattr(t, "to_local") else t
-    return t.numel() * t.element_size()
 
 
 def cli(argv):
@@ -842,8 +846,8 @@ def cli(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # a fault of the machine, not of the user: exit 1
+        print(f"error: {e.strerror + (f': {e.filename}' if e.filename else '') if e.strerror else e}", file=sys.stderr)
         code = 1
     if dist.is_initialized():
         dist.barrier() if code == 0 else None
