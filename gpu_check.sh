@@ -84,7 +84,7 @@ EOF
 
 echo "== 2. the GPT-2-sized preset's shape, 300 steps on the default corpus (bf16, flex, grouped matmul, compile)"
 rm -rf /tmp/gpu_check_run
-timeout 300 $PY train.py --config=configs/gpt2_small_moe.conf --data=None --out_dir=/tmp/gpu_check_run \
+timeout 300 $PY train.py --config=configs/gpt2_small_moe.conf --data=None --val_fraction=0.02 --out_dir=/tmp/gpu_check_run \
     --grad_accum_steps=1 --max_iters=300 --warmup_iters=30 --eval_interval=150 --eval_iters=2 --log_interval=25
 
 echo "== 2b. speculative vs plain greedy decoding from that checkpoint, 20 held-out prompts"

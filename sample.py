@@ -140,6 +140,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None)
     out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
     d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
+    prev_d = d
 
     def emit(tok):
         out.append(tok)
@@ -179,9 +180,9 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
             q = dist(model.logits(hidden[1:1 + room, base + kept]))
             drafts = [pick(q[j], gen) for j in range(len(q))]
         feed = [out[-1]] + drafts
-        if forwards > 1:  # the prompt's forward is not a decoding step
+        if forwards > 1 and d == prev_d:  # steady state only: a forward also pays for feeding the drafts before it
             policy.timed(d, time.time() - t_fwd)
-        d = policy.choose()
+        prev_d, d = d, policy.choose()
     dt = time.time() - t0
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),
                      tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted)

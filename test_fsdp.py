@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from test_train import HERE, losses, nan_at, short_docs, stop_with_signal, train_run, weights
+from test_train import HERE, losses, metrics, nan_at, short_docs, stop_with_signal, train_run, weights
 
 FSDP = "--fsdp=True"
 
@@ -38,9 +38,11 @@ def test_fsdp_equals_ddp_and_halves_memory(tmp_path, dtype, rel):
 
 
 def test_fsdp_resume_is_bit_exact_and_its_checkpoint_serves_ddp_and_sampling(tmp_path):
-    args = ["--max_iters=8", "--grad_accum_steps=2", "--dropout=0.1", "--router_noise=0.1", "--eval_interval=4"]
+    args = ["--max_iters=8", "--grad_accum_steps=2", "--dropout=0.1", "--router_noise=0.1", "--eval_interval=4",
+            "--mtp_schedule=1,1,1,1;1,.5", "--keep_last=0"]  # heads 3, 4 stop at step 4: their units stop running
     train_run(tmp_path / "full", *args, FSDP, nproc=2)
-    train_run(tmp_path / "split", *args, FSDP, "--stop_after=4", nproc=2)
+    assert [r["loss_h3"] is None for r in metrics(tmp_path / "full") if "loss" in r] == [False] * 4 + [True] * 4
+    train_run(tmp_path / "split", *args, FSDP, "--stop_after=3", nproc=2)  # resumes inside stage 1
     train_run(tmp_path / "split", *args, FSDP, "--init_from=resume", nproc=2)
     assert losses(tmp_path / "full") == losses(tmp_path / "split")  # identical floats
     a, b = weights(tmp_path / "full" / "ckpt_0000008.pt"), weights(tmp_path / "split" / "ckpt_0000008.pt")

@@ -132,7 +132,7 @@ USER_ERRORS = [
     ("--device=cuda:0", "device='cuda:0': this machine has 0 CUDA device(s)"), ("--device=mps", "device='mps', expected"),
     ("--device=foo", "device='foo', expected"), ("--seq_len=1000000", "seq_len=1000000 with batch_size=8 needs"),
     ("--data=", "data='': expected a path"), ("--data=/nonexistent/corpus", "/nonexistent/corpus: no such file"),
-    ("--mtp_schedule=0,1", "mtp_schedule='0,1': stage '0,1', expected"), ("--mtp_schedule=1,1,1,1,1", "n_predict=4"),
+    ("--mtp_schedule=0,1", "mtp_schedule='0,1': stage '0,1', expected"), ("--mtp_schedule=1,-1", "stage '1,-1'"),
     ("--mtp_schedule=1;x", "stage 'x'"), ("--learning_rate=0", "learning_rate=0.0, expected 0 < learning_rate"),
     ("--init_from=restart", "init_from='restart', expected one of 'scratch', 'resume'"),
     ("--vocab_size=1000", "vocab_size=1000, expected >= 50257"), ("--fsdp=True", "fsdp=True needs several processes"),

@@ -31,6 +31,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import secrets
@@ -152,17 +153,18 @@ def parse_config(argv, defaults=DEFAULTS):
 
 
 def parse_schedule(text, n_predict):
-    """mtp_schedule -> list of stages, each a tuple of n_predict head weights (0 for a head not listed)."""
+    """mtp_schedule -> list of stages, each a tuple of n_predict head weights (0 for a head not listed; weights of
+    heads beyond n_predict are dropped, so --n_predict=1 works with any schedule: main() says so)."""
     stages = []
     for stage in text.split(";"):
         try:
             w = [float(x) for x in stage.split(",")]
         except ValueError:
             w = []
-        if not w or not all(math.isfinite(x) and x >= 0 for x in w) or w[0] <= 0 or len(w) > n_predict:
-            raise ValueError(f"mtp_schedule={text!r}: stage {stage!r}, expected 1 to n_predict={n_predict} "
-                             f"comma-separated weights >= 0, head 1's > 0 (e.g. '1,1,1,1;1,.5;1')")
-        stages.append(tuple(w) + (0.0,) * (n_predict - len(w)))
+        if not w or not all(math.isfinite(x) and x >= 0 for x in w) or w[0] <= 0:
+            raise ValueError(f"mtp_schedule={text!r}: stage {stage!r}, expected comma-separated head weights >= 0, "
+                             f"head 1's > 0 (e.g. '1,1,1,1;1,.5;1')")
+        stages.append((tuple(w) + (0.0,) * n_predict)[:n_predict])
     return stages
 
 
@@ -248,9 +250,9 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def write_atomic(path, write):
-    """write(f) into a temporary file in the same folder, fsync, rename: a crash or a full disk leaves the old
-    file and no temporary behind."""
+def write_atomic(path, write, before_rename=None):
+    """write(f) into a temporary file in the same folder, fsync, (before_rename(tmp)), rename: a crash or a full
+    disk leaves the old file and no temporary behind."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
@@ -258,6 +260,8 @@ def write_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename:
+            before_rename(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(path.parent).free < 2**20:
@@ -292,7 +296,7 @@ def load_checkpoint(path, mmap=False):
     verify_checkpoint(path)
     try:  # weights_only: tensors and plain containers only, no code can run while loading
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:  # not MemoryError, OSError
         raise ValueError(f"checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
 
 
@@ -343,9 +347,11 @@ def save_checkpoint(out, step, state, keep):
     `keep` (0: all) plus the best by val_nt_loss. Never removes a file the index does not vouch for."""
     out, run = Path(out), state["run"]
     path = out / f"ckpt_{step:07d}.pt"
-    write_atomic(path, lambda f: torch.save(state, f))
-    digest = sha256_file(path)
-    write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+
+    def checksum(tmp):  # the sidecar first: a file named ckpt_* always has one (a kill between leaves an orphan sidecar)
+        digest = sha256_file(tmp)
+        write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    write_atomic(path, lambda f: torch.save(state, f), before_rename=checksum)
     entries = read_index(out)
     entries[path.name] = dict(step=step, run=run, val_nt_loss=state.get("val_nt_loss"))
     mine = sorted((n for n, e in entries.items() if e["run"] == run), key=lambda n: entries[n]["step"])
@@ -396,7 +402,8 @@ def claim_out_dir(c, run):
     out.mkdir(parents=True, exist_ok=True)
     fd = lock_out_dir(out, run)
     for tmp in out.glob(".tmp-*"):  # left by a save killed midway (kill -9): nobody else writes here now
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():
+            tmp.unlink()
     entries, files = read_index(out), sorted(out.glob("ckpt_*.pt"))
     if c.init_from == "scratch":
         doomed, why = files, "holds checkpoints of an earlier run"
@@ -412,6 +419,7 @@ def claim_out_dir(c, run):
                     doomed.append(out / name)
                 except ValueError as err:
                     set_aside(out / name, err)
+    write_index(out, read_index(out))  # the index as the disk is now (damaged files set aside)
     if doomed and not c.overwrite:
         raise ValueError(f"out_dir {out} {why} ({', '.join(p.name for p in doomed[:4])}"
                          f"{', ...' if len(doomed) > 4 else ''}): this run would overwrite them. "
@@ -421,7 +429,7 @@ def claim_out_dir(c, run):
         p.with_suffix(".pt.sha256").unlink(missing_ok=True)
     if doomed:
         print(f"overwrite: removed {len(doomed)} checkpoint(s) from {out}", file=sys.stderr)
-    write_index(out, read_index(out))  # the index as the disk is now
+        write_index(out, read_index(out))
     return fd, resume
 
 
@@ -524,7 +532,8 @@ def evaluate(fwd, c, env, corpus, weights):
     s = all_reduce_named(tot, env.distributed)
     ratio = lambda a, b: [x / y if y else None for x, y in zip(s[a].tolist(), s[b].tolist())]
     losses = per_head(s["sums"], s["counts"], range(n), n)
-    rec = dict(val_loss=objective(s["sums"], s["counts"], torch.tensor(weights, dtype=torch.float64)).item(),
+    weights = torch.tensor(weights, dtype=torch.float64, device=s["sums"].device)
+    rec = dict(val_loss=objective(s["sums"], s["counts"], weights).item(),
                val_nt_loss=losses[0], **{f"val_loss_h{k + 1}": v for k, v in enumerate(losses)},
                **{f"val_acc_h{k + 1}": v for k, v in enumerate(ratio("correct", "valid"))},
                **{f"val_accept_h{k + 2}": v for k, v in enumerate(ratio("accepted", "judged"))},
@@ -700,22 +709,40 @@ def local_bytes(t):
 
 # ----------------------------------------------------------------------------- the run
 
+class UserError(Exception):
+    """Something the user can fix (a setting, the data, out_dir, a checkpoint): one line, exit code 2."""
+
+
+def prepare(cfg):
+    """Everything a user can get wrong, in this order: settings, device, out_dir, data, checkpoint. A ValueError
+    raised here is the user's (UserError); past this point a ValueError is a bug and keeps its traceback.
+    -> (c, env, run, lock, loader, raw_model, fwd, opt, step)"""
+    try:
+        c, env = setup(cfg)
+        run, ckpt, ckpt_path, lock = claim(c, env)
+        cfg["run"] = run
+        random.seed(c.seed + env.rank)
+        np.random.seed(c.seed + env.rank)
+        loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, env.rank, env.world, c.seed, env.device,
+                              c.val_fraction, c.cache_dir or None, quiet=not env.master)
+        cfg["data_fingerprint"] = loader.corpus.fingerprint
+        longest = int(min(c.seq_len, loader.corpus.length[loader.docs].max()))
+        for k in range(longest, c.n_predict + 1):
+            env.log(f"warning: head {k} has no target: the longest training document has {longest} tokens (with its EOTs)")
+        raw_model, fwd, opt = build(c, cfg, env)
+        step = restore(ckpt, ckpt_path, raw_model, opt, loader, cfg, c, env) if ckpt else 0
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return c, env, run, lock, loader, raw_model, fwd, opt, step
+
+
 def main(cfg):
-    c, env = setup(cfg)
+    c, env, run, lock, loader, raw_model, fwd, opt, step = prepare(cfg)
     stages, log = parse_schedule(c.mtp_schedule, c.n_predict), env.log
-    run, ckpt, ckpt_path, lock = claim(c, env)
-    cfg["run"] = run
-    random.seed(c.seed + env.rank)
-    np.random.seed(c.seed + env.rank)
-    loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, env.rank, env.world, c.seed, env.device,
-                          c.val_fraction, c.cache_dir or None, quiet=not env.master)
-    cfg["data_fingerprint"] = loader.corpus.fingerprint
-    longest = int(min(c.seq_len, loader.corpus.length[loader.docs].max()))
-    for k in range(longest, c.n_predict + 1):
-        log(f"warning: head {k} has no target: the longest training document has {longest} tokens (with its EOTs)")
-    raw_model, fwd, opt = build(c, cfg, env)
-    step = restore(ckpt, ckpt_path, raw_model, opt, loader, cfg, c, env) if ckpt else 0
-    del ckpt
+    listed = max(len(stage.split(",")) for stage in c.mtp_schedule.split(";"))
+    if listed > c.n_predict:
+        log(f"note: mtp_schedule={c.mtp_schedule!r} weighs {listed} heads; the model has n_predict={c.n_predict}, "
+            f"so the weights of heads {c.n_predict + 1}..{listed} are not used")
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
     peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
     n_total, n_active = raw_model.param_counts()
@@ -726,7 +753,8 @@ def main(cfg):
         f"{c.grad_accum_steps} x world_size {env.world}; device {env.device}, compile {c.compile}, "
         f"{'FSDP2' if c.fsdp else 'DDP' if env.distributed else 'one process'}")
     if len(stages) > 1 or any(w != 1 for w in stages[0]):
-        log("head schedule: " + "; ".join(f"steps {i * c.max_iters // len(stages)}+: w = {list(w)}" for i, w in enumerate(stages)))
+        log("head schedule: " + "; ".join(f"steps {-(-i * c.max_iters // len(stages))}+: w = {list(w)}"
+                                          for i, w in enumerate(stages)))
     stop_requested = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal or ssh session
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))  # finish the step, save, exit 0
@@ -747,7 +775,8 @@ def main(cfg):
         if stage != stage_at(step, stages, c.max_iters):  # a new stage of the head schedule
             stage = stage_at(step, stages, c.max_iters)
             heads = [k for k, w in enumerate(stages[stage]) if w > 0]
-            model, head_w = parallel(fwd, heads, c, env), torch.tensor([stages[stage][k] for k in heads], device=env.device)
+            model = parallel(fwd, heads, c, env)
+            head_w = torch.tensor([stages[stage][k] for k in heads], device=env.device, dtype=torch.float64)
             flops_per_token = raw_model.flops_per_token(n_heads=len(heads))
             if len(stages) > 1:
                 log(f"step {step}: stage {stage + 1}/{len(stages)} of the head schedule, heads {[k + 1 for k in heads]}")
@@ -765,6 +794,7 @@ def main(cfg):
         acc = forward_backward(model, batches, heads, coef, env.autocast)
         # 3. reduce (one small collective), then step, or skip the step on every rank alike
         grad_norm = full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or float("inf")))
+        acc["aux"] = acc["aux"] / env.world  # logged as the mean over micro-batches and ranks
         s = all_reduce_named(dict(**acc, stop=torch.tensor([float(bool(stop_requested))], device=env.device)), env.distributed)
         loss = objective(s["sums"], s["counts"], head_w)
         finite, stop, any_target = torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), s["stop"][0] > 0,
@@ -839,11 +869,16 @@ def main(cfg):
 
 
 def cli(argv):
-    """The command line: user errors are one line on stderr and exit code 2; machine faults (disk full) exit 1."""
+    """The command line: user errors are one line on stderr and exit code 2; machine faults (disk full) exit 1;
+    anything else is a bug and shows its traceback."""
     code = 0
     try:
-        code = main(parse_config(argv))
-    except ValueError as e:
+        try:
+            cfg = parse_config(argv)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        code = main(cfg)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except OSError as e:  # a fault of the machine, not of the user: exit 1
