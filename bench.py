@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import data
 import train
 from loss import CHUNK_ELEMS, ModelWithLoss, count_targets, mtp_loss, step_coefficients
-from model import Model, ModelConfig, doc_mask, experts_grouped, experts_loop, flex_attention, flex_block_mask
+from model import Model, ModelConfig, doc_mask, experts_dense, experts_grouped, experts_loop, flex_attention, flex_block_mask
 
 QUICK = "--quick" in sys.argv
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,14 +163,10 @@ def moe_bench():
     scores = torch.randn(N, E, device=DEV).softmax(-1)
     gate, idx = torch.topk(scores, K, dim=-1)
 
-    def dense():  # every expert on every token, then keep the top-k with their gates
-        h = F.silu(torch.einsum("nd,efd->enf", x, w[0])) * torch.einsum("nd,efd->enf", x, w[1])
-        y_EN = torch.einsum("enf,edf->end", h, w[2])
-        full = torch.zeros(N, E, device=DEV).scatter(1, idx, gate)
-        return torch.einsum("end,ne->nd", y_EN, full)
     out = {}
     for name, fn in (("loop", lambda: experts_loop(x, idx, gate, *w)),
-                     ("grouped", lambda: experts_grouped(x, idx, gate, *w)), ("dense", dense)):
+                     ("grouped", lambda: experts_grouped(x, idx, gate, *w)),
+                     ("dense", lambda: experts_dense(x, idx, gate, *w))):
         out[name] = timed(lambda: fn().square().sum().backward())
     return out
 

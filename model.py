@@ -197,6 +197,9 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+DENSE_MOE_TOKENS = 16  # up to this many tokens, "auto" runs every expert (experts_dense): fewer ops than routing
+
+
 def experts_loop(x_ND, idx_NK, gate_NK, w1_EFD, w3_EFD, w2_EDF):
     """Reference dispatch (and the CPU fast path): for each expert, gather its tokens, run, scatter-add."""
     y_ND = torch.zeros_like(x_ND)
@@ -224,6 +227,14 @@ def experts_grouped(x_ND, idx_NK, gate_NK, w1_EFD, w3_EFD, w2_EDF):
     h_nF = F.silu(torch._grouped_mm(x_nD, w1, offs=offs)) * torch._grouped_mm(x_nD, w3, offs=offs)
     y_nD = torch._grouped_mm(h_nF, w2, offs=offs) * gate_NK.flatten()[order, None].to(mm)
     return torch.zeros_like(x_ND).index_add_(0, tok, y_nD.to(x_ND.dtype))
+
+
+def experts_dense(x_ND, idx_NK, gate_NK, w1_EFD, w3_EFD, w2_EDF):
+    """Every expert on every token, weighted by the gates (0 for an expert not chosen): E / top_k times the routed
+    FLOPs, but the fewest operations, so the fastest path for a handful of tokens (decoding)."""
+    h_ENF = F.silu(torch.einsum("nd,efd->enf", x_ND, w1_EFD)) * torch.einsum("nd,efd->enf", x_ND, w3_EFD)
+    gate_NE = torch.zeros(x_ND.shape[0], w1_EFD.shape[0], dtype=gate_NK.dtype, device=x_ND.device).scatter(1, idx_NK, gate_NK)
+    return torch.einsum("enf,edf,ne->nd", h_ENF, w2_EDF, gate_NE)
 
 
 class MoE(nn.Module):
@@ -262,7 +273,10 @@ class MoE(nn.Module):
         logits_NE, probs_NE, idx_NK, gate_NK = self.route(x_ND)
         grouped = cfg.moe_backend == "grouped" or (cfg.moe_backend == "auto" and x_ND.is_cuda
                                                    and torch.is_autocast_enabled("cuda") and cfg.ffn_hidden % 16 == 0)
-        dispatch = experts_grouped if grouped else experts_loop
+        if cfg.moe_backend == "auto" and len(x_ND) <= DENSE_MOE_TOKENS:  # decoding: a few tokens at a time
+            dispatch = experts_dense
+        else:
+            dispatch = experts_grouped if grouped else experts_loop
         y_ND = dispatch(x_ND, idx_NK, gate_NK.to(x_ND.dtype), self.w1_EFD, self.w3_EFD, self.w2_EDF)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)

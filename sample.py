@@ -153,11 +153,15 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         hidden = model(torch.tensor([feed], device=dev), kv_cache=cache, heads=range(1 + d)).hidden[:, 0]  # (1+d, T, D)
         forwards += 1
         base = len(feed) - 1 - len(drafts)  # fed index of the token before the first draft
-        p = dist(model.logits(hidden[0, base:]))  # head 1 there and at each draft: p[i] judges drafts[i]
+        head1 = model.logits(hidden[0, base:])  # head 1 there and at each draft: row i judges drafts[i]
+        if gen is None:  # greedy: token ids straight from the logits, no distributions
+            best = head1[:, :GPT2_VOCAB].argmax(-1).tolist()
+        else:
+            p = dist(head1)
         kept, forced, done = 0, None, False
         for i, draft in enumerate(drafts):  # q[i]: the distribution drafts[i] was drawn from
             if gen is None:
-                ok = int(p[i].argmax()) == draft
+                ok = best[i] == draft
             else:
                 ok = torch.rand((), generator=gen).item() * q[i, draft].item() < p[i, draft].item()  # min(1, p/q)
             policy.record(i, ok)
@@ -171,14 +175,19 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
                 done = True
                 break
         fed, accepted = fed + len(drafts), accepted + kept
-        if done or emit(forced if forced is not None else pick(p[kept], gen)):
+        nxt = forced if forced is not None else best[kept] if gen is None else pick(p[kept], gen)
+        if done or emit(nxt):
             break
         cache.truncate(start + len(feed) - len(drafts) + kept)  # drop the rejected drafts' keys and values
         room = min(budget - len(out), seq_len - cache.pos) - 1  # drafts fed next must fit the budget and context
         drafts, q = [], None
         if d > 0 and room > 0:  # the drafting heads at the last kept position
-            q = dist(model.logits(hidden[1:1 + room, base + kept]))
-            drafts = [pick(q[j], gen) for j in range(len(q))]
+            logits = model.logits(hidden[1:1 + room, base + kept])
+            if gen is None:
+                drafts = logits[:, :GPT2_VOCAB].argmax(-1).tolist()
+            else:
+                q = dist(logits)
+                drafts = [pick(q[j], gen) for j in range(len(q))]
         feed = [out[-1]] + drafts
         if forwards > 1 and d == prev_d:  # steady state only: a forward also pays for feeding the drafts before it
             policy.timed(d, time.time() - t_fwd)
@@ -219,22 +228,25 @@ def read_prompt(text):
     return text
 
 
-def bench(model, state, c, prompt_len=32):
-    """Plain vs speculative greedy decoding on the first prompt_len tokens of held-out documents (the same set
-    every time: the checkpoint's own validation split), one after the other per prompt, so drift hits both."""
+def bench(model, state, c, prompt_len=32, stride=1024):
+    """Plain vs speculative greedy decoding on prompt_len-token prompts from the checkpoint's own held-out
+    documents (the same set every time: each document's start, then a prompt every `stride` tokens, taken
+    round-robin over the documents), one after the other per prompt, so drift hits both alike."""
     cfg = state["config"]
     corpus = Corpus(cfg["data"], cache_dir=cfg.get("cache_dir") or None, quiet=True)
-    docs = [d for d in corpus.split("val", cfg["val_fraction"]) if corpus.length[d] > prompt_len][:c["bench_prompts"]]
-    if len(docs) < c["bench_prompts"]:
-        raise ValueError(f"bench: {len(docs)} held-out documents longer than {prompt_len} tokens, {c['bench_prompts']} asked")
-    generate(model, corpus.tokens(docs[0], 0, prompt_len).tolist(), 8, speculative=True)  # warm-up
+    docs = corpus.split("val", cfg["val_fraction"])
+    starts = [(d, o) for o in range(0, int(corpus.length[docs].max()), stride) for d in docs
+              if o + prompt_len < corpus.length[d]][:c["bench_prompts"]]  # o = 0: the document's own EOT leads
+    if len(starts) < c["bench_prompts"]:
+        raise ValueError(f"bench: the held-out documents give {len(starts)} prompts, {c['bench_prompts']} asked")
+    generate(model, corpus.tokens(*starts[0], prompt_len).tolist(), 8, speculative=True)  # warm-up
     rows = []
-    for d in docs:
-        prompt = corpus.tokens(d, 0, prompt_len).tolist()
+    for d, o in starts:
+        prompt = corpus.tokens(d, o, prompt_len).tolist() if o == 0 else [EOT] + corpus.tokens(d, o, prompt_len - 1).tolist()
         plain_ids, plain = generate(model, prompt, c["max_new_tokens"])
         spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True)
         if spec_ids != plain_ids:
-            raise RuntimeError(f"document {d}: speculative greedy output differs from plain greedy")
+            raise RuntimeError(f"document {d} at {o}: speculative greedy output differs from plain greedy")
         rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"], spec["tokens"]))
     q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     speedups = [s / p for p, s, _, _ in rows]

@@ -6,7 +6,7 @@ import torch
 
 from data import EOT, pack
 from loss import mtp_loss, mtp_targets
-from model import Model, ModelConfig, doc_mask, experts_grouped, experts_loop
+from model import Model, ModelConfig, doc_mask, experts_dense, experts_grouped, experts_loop
 
 V = 64
 
@@ -147,7 +147,8 @@ def test_flex_attention_equals_sdpa():
     torch.testing.assert_close(h_flex[:, real], h_ref[:, real], rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_matmul_equals_loop():
+@pytest.mark.parametrize("dispatch", [experts_grouped, experts_dense])
+def test_expert_dispatch_equals_the_loop(dispatch):
     torch.manual_seed(0)
     N, D, Fh, E, K = 40, 16, 24, 6, 2
     x = torch.randn(N, D, requires_grad=True)
@@ -155,11 +156,11 @@ def test_grouped_matmul_equals_loop():
          torch.randn(E, D, Fh, requires_grad=True)]
     idx = torch.stack([torch.randperm(E - 1)[:K] for _ in range(N)])  # expert E-1 never used: empty group
     gate = torch.rand(N, K)
-    y_loop, y_grouped = experts_loop(x, idx, gate, *w), experts_grouped(x, idx, gate, *w)
-    torch.testing.assert_close(y_grouped, y_loop, rtol=1e-4, atol=1e-4)
+    y_loop, y = experts_loop(x, idx, gate, *w), dispatch(x, idx, gate, *w)
+    torch.testing.assert_close(y, y_loop, rtol=1e-4, atol=1e-4)
     g_loop = torch.autograd.grad(y_loop.square().sum(), [x] + w)
-    g_grouped = torch.autograd.grad(y_grouped.square().sum(), [x] + w)
-    for a, c in zip(g_grouped, g_loop):
+    g = torch.autograd.grad(y.square().sum(), [x] + w)
+    for a, c in zip(g, g_loop):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-3)
 
 
