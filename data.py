@@ -30,6 +30,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -374,7 +375,7 @@ class Corpus:
 def chunk(lengths, seq_len):
     """Cut documents of the given lengths into chunks of at most seq_len -> (doc, offset, length) arrays."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    n_chunks = -(-lengths // seq_len)
+    n_chunks = (lengths + seq_len - 1) // seq_len  # ceil, on an array
     doc = np.repeat(np.arange(len(lengths)), n_chunks)
     first = np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
     offset = (np.arange(len(doc)) - first) * seq_len
@@ -488,8 +489,7 @@ class PackedLoader:
 
     def next_batch(self):
         mine = self._next_rows(self.B * self.W)[self.rank::self.W]
-        c = self.corpus
-        rows = [[c.tokens(d, o, n) for d, o, n in segs] for segs in mine]
+        rows = [[self.corpus.tokens(d, o, n) for d, o, n in segs] for segs in mine]
         batch = rows_to_batch(rows, self.T)
         if self.device.type == "cuda":
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -511,7 +511,7 @@ def packing_report(seq_lens=(256, 512, 1024), source=None):
     for T in seq_lens:
         loader = PackedLoader(seq_len=T, corpus=corpus)
         _, _, length = loader._chunks(0)
-        n_rows = sum(len(loader._rows(0, w)) for w in range(-(-len(length) // PACK_WINDOW)))
+        n_rows = sum(len(loader._rows(0, w)) for w in range(math.ceil(len(length) / PACK_WINDOW)))
         out[T] = dict(packed=length.sum() / (n_rows * T), padded=length.sum() / (len(length) * T))
     return out
 

@@ -15,7 +15,7 @@ echo "== 1. CUDA paths against the references (bf16 autocast, FlexAttention, gro
 timeout 300 $PY - <<'EOF'
 import torch, torch.nn.functional as F
 from data import pack, EOT
-from loss import mtp_loss, mtp_loss_reference, mtp_targets
+from loss import ModelWithLoss, mtp_loss, mtp_loss_reference, mtp_targets
 from model import Model, ModelConfig, doc_mask, flex_block_mask, flex_attention, experts_loop, experts_grouped
 assert torch.cuda.is_available(), "no CUDA device"
 dev = "cuda"
@@ -44,9 +44,8 @@ torch.manual_seed(0); fast = Model(ModelConfig(**cfg)).to(dev)
 torch.manual_seed(0); ref = Model(ModelConfig(**cfg, attn_backend="sdpa", moe_backend="loop")).to(dev)
 def run(model, autocast):
     with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-        o = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
-        s, c = mtp_loss(o.hidden, model.lm_head.weight, mtp_targets(batch["input_ids"], batch["doc_ids"], 4))
-    (s / c).sum().backward(); return s / c
+        o = ModelWithLoss(model)(batch)
+    (o.sums / o.counts).sum().backward(); return o.sums / o.counts
 lf, lr = run(fast, True), run(ref, False)
 gerr = max(rel(a.grad, b.grad) for a, b in zip(fast.parameters(), ref.parameters()))
 print(f"model bf16/flex/grouped vs fp32/sdpa/loop: per-head loss {lf.tolist()} vs {lr.tolist()}, max grad rel err {gerr:.2e}")

@@ -117,12 +117,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         dw = None
         if grad_w.shape[0] and scale_K.numel():  # one buffer holding sum_k scale_k grad_w_k: g must be c * scale
             s_K = scale_K.to(g_K.dtype)
-            c = (g_K @ s_K) / (s_K @ s_K).clamp(min=torch.finfo(s_K.dtype).tiny)
-            ok = ~((g_K - c * s_K).abs().max() > 1e-5 * g_K.abs().max())  # NaN passes: the step's guard takes it
+            ratio = (g_K @ s_K) / (s_K @ s_K).clamp(min=torch.finfo(s_K.dtype).tiny)
+            ok = ~((g_K - ratio * s_K).abs().max() > 1e-5 * g_K.abs().max())  # NaN passes: the step's guard takes it
             # checked on the device (no host sync): raises at once on a CPU, a device-side assert on a GPU
             torch._assert_async(ok, "mtp_loss: grad_scale was given, but the loss weighs the heads in another "
                                     "proportion (the gradient is not proportional to grad_scale)")
-            dw = (c * grad_w[0]).to(ctx.w_dtype)
+            dw = (ratio * grad_w[0]).to(ctx.w_dtype)
         elif grad_w.shape[0]:  # sum_k g_k * grad_w[k] as one (1, K) @ (K, V*D) product: no (K, V, D) temporary
             dw = (g_K[None] @ grad_w.flatten(1)).view(grad_w.shape[1:]).to(ctx.w_dtype)
         return dh, dw, None, None, None, None

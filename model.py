@@ -84,7 +84,7 @@ class ModelConfig:
     @property
     def ffn_hidden(self):
         # a multiple of 16 keeps grouped-matmul strides aligned (torch._grouped_mm needs 16-byte strides)
-        return self.expert_hidden or -(-4 * self.n_embd // (self.top_k + self.n_shared_experts) // 16) * 16
+        return self.expert_hidden or math.ceil(4 * self.n_embd // (self.top_k + self.n_shared_experts) / 16) * 16
 
 
 @dataclass
@@ -371,8 +371,8 @@ class Model(nn.Module):
         """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower overloaded.
         counts: (n_moe_layers, E), all-reduced over ranks so every rank applies the same update."""
         moes = [m for m in self.modules() if isinstance(m, MoE)]
-        for m, c in zip(moes, counts):
-            m.expert_bias += rate * torch.sign(c.mean() - c.float())
+        for m, counts_E in zip(moes, counts):
+            m.expert_bias += rate * torch.sign(counts_E.mean() - counts_E.float())
 
     def compile_blocks(self, **kwargs):
         """Compile each block in place (nn.Module.compile): parameter names stay the same, and forward()'s
@@ -427,8 +427,8 @@ class Model(nn.Module):
     def _trunk(self, x, rope, mask, valid, cache=None):
         aux, counts = x.new_zeros(()), []
         for block in self.blocks:
-            x, a, c = block(x, *rope, mask, valid, cache)
-            aux, counts = aux + a, counts + [c]
+            x, block_aux, block_counts = block(x, *rope, mask, valid, cache)
+            aux, counts = aux + block_aux, counts + [block_counts]
         return x, aux, torch.cat(counts)
 
     def _decode(self, ids, cache, heads):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EOT, pack, rows_to_batch
-from loss import IGNORE, count_targets, mtp_loss, mtp_targets, step_coefficients
+from loss import IGNORE, ModelWithLoss, count_targets, mtp_loss, mtp_targets, step_coefficients
 from model import Model, ModelConfig
 
 V, N_PREDICT = 64, 4
@@ -42,10 +42,9 @@ def layout(rows, T):
 def loss_and_grads(model, batch, with_aux=True):
     """-> (per-head sums, counts, {param name: gradient of sum_k sums_k (+ aux)})."""
     model.zero_grad(set_to_none=True)
-    out = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
-    sums, counts = mtp_loss(out.hidden, model.lm_head.weight, mtp_targets(batch["input_ids"], batch["doc_ids"], N_PREDICT))
-    (sums.sum() + (out.aux_loss if with_aux else 0)).backward()
-    return sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}
+    out = ModelWithLoss(model)(batch)
+    (out.sums.sum() + (out.aux_loss if with_aux else 0)).backward()
+    return out.sums.detach(), out.counts, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def assert_same(a, b):
@@ -162,8 +161,8 @@ def accumulated_grads(model, micro_batches, normalize_per_micro_batch=False):
     head_w = torch.ones(N_PREDICT, dtype=torch.float64)
     n_k = sum(count_targets(b, N_PREDICT) for b in micro_batches)
     for b in micro_batches:
-        out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
-        sums, counts = mtp_loss(out.hidden, model.lm_head.weight, mtp_targets(b["input_ids"], b["doc_ids"], N_PREDICT))
+        out = ModelWithLoss(model)(b)
+        sums, counts = out.sums, out.counts
         if normalize_per_micro_batch:  # the wrong way: a mean of per-micro-batch means
             loss = (sums / counts.clamp(min=1)).sum() / len(micro_batches)
         else:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sample
-from loss import mtp_loss, mtp_targets
+from loss import ModelWithLoss
 from model import KVCache, Model, ModelConfig
 from sample import DraftPolicy, generate, probs_from
 
@@ -36,9 +36,8 @@ def cyclic_model():
         offsets = torch.randint(0, 16, (8,))
         ids = torch.stack([pattern.roll(-int(o)).repeat(4) for o in offsets])  # (8, 64)
         doc = torch.zeros_like(ids, dtype=torch.int32)
-        out = model(ids, doc_ids=doc)
-        sums, counts = mtp_loss(out.hidden, model.lm_head.weight, mtp_targets(ids, doc, 4))
-        ((sums / counts).sum() + out.aux_loss).backward()
+        out = ModelWithLoss(model)(dict(input_ids=ids, doc_ids=doc))
+        ((out.sums / out.counts).sum() + out.aux_loss).backward()
         opt.step()
         opt.zero_grad()
     return model.eval(), pattern

@@ -480,7 +480,7 @@ def grad_sync(model, last):
 def forward_backward(model, batches, heads, coef, autocast):
     """Forward and backward of every micro-batch of one step, with the step's coefficients -> the named sums
     of the step on this rank. No host sync (test_train.py counts them)."""
-    acc = None
+    tot = None
     for i, batch in enumerate(batches):
         with grad_sync(model, i == len(batches) - 1):
             with autocast:
@@ -488,8 +488,8 @@ def forward_backward(model, batches, heads, coef, autocast):
             ((coef * out.sums).sum() + out.aux_loss / len(batches)).backward()
         piece = dict(sums=out.sums.detach(), counts=out.counts, aux=out.aux_loss.detach()[None] / len(batches),
                      real=batch["attention_mask"].sum()[None], load=out.expert_counts.detach().flatten())
-        acc = piece if acc is None else {k: acc[k] + v for k, v in piece.items()}
-    return acc
+        tot = piece if tot is None else {k: tot[k] + v for k, v in piece.items()}
+    return tot
 
 
 def all_reduce_named(pieces, distributed):
@@ -753,7 +753,7 @@ def main(cfg):
         f"{c.grad_accum_steps} x world_size {env.world}; device {env.device}, compile {c.compile}, "
         f"{'FSDP2' if c.fsdp else 'DDP' if env.distributed else 'one process'}")
     if len(stages) > 1 or any(w != 1 for w in stages[0]):
-        log("head schedule: " + "; ".join(f"steps {-(-i * c.max_iters // len(stages))}+: w = {list(w)}"
+        log("head schedule: " + "; ".join(f"steps {math.ceil(i * c.max_iters / len(stages))}+: w = {list(w)}"
                                           for i, w in enumerate(stages)))
     stop_requested = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal or ssh session
@@ -791,11 +791,11 @@ def main(cfg):
             dist.all_reduce(n_k)
         coef = step_coefficients(n_k, head_w, env.world)
         # 2. forward and backward of each micro-batch
-        acc = forward_backward(model, batches, heads, coef, env.autocast)
+        step_sums = forward_backward(model, batches, heads, coef, env.autocast)
         # 3. reduce (one small collective), then step, or skip the step on every rank alike
         grad_norm = full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or float("inf")))
-        acc["aux"] = acc["aux"] / env.world  # logged as the mean over micro-batches and ranks
-        s = all_reduce_named(dict(**acc, stop=torch.tensor([float(bool(stop_requested))], device=env.device)), env.distributed)
+        step_sums["aux"] = step_sums["aux"] / env.world  # logged as the mean over micro-batches and ranks
+        s = all_reduce_named(dict(**step_sums, stop=torch.tensor([float(bool(stop_requested))], device=env.device)), env.distributed)
         loss = objective(s["sums"], s["counts"], head_w)
         finite, stop, any_target = torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), s["stop"][0] > 0,
                                                 n_k.sum() > 0]).tolist()  # the step's one host sync
