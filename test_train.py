@@ -24,7 +24,7 @@ import train
 
 HERE = Path(__file__).parent
 TINY = ["--seq_len=32", "--n_embd=32", "--n_head=2", "--n_layer=1", "--batch_size=2", "--eval_iters=1",
-        "--log_interval=1", "--eval_interval=100", "--warmup_iters=2"]
+        "--log_interval=1", "--eval_interval=100", "--warmup_iters=2", "--mtp_schedule=1,1,1,1"]  # 4 heads throughout
 LAUNCHER = """import os, sys
 sys.path.insert(0, {here!r})
 import torch, train, loss, model
@@ -399,7 +399,7 @@ def test_host_syncs_of_a_training_step(tmp_path, monkeypatch):
     from model import Model
     monkeypatch.setattr(Model, "check_inputs", lambda self, *a: None)
     base = ["--moe_backend=grouped", "--log_interval=1000", "--eval_interval=1000", "--grad_accum_steps=2",
-            f"--out_dir={tmp_path}/x"] + TINY[:5]
+            "--mtp_schedule=1,1,1,1", f"--out_dir={tmp_path}/x"] + TINY[:5]
     from data import PackedLoader
     from loss import ModelWithLoss, count_targets, step_coefficients
     from model import ModelConfig
