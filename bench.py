@@ -82,7 +82,7 @@ def train_step_bench(cfg, compiled, loader, heads=None):
     t0 = time.perf_counter()
     step()  # the first step (compiles when compiled)
     first = time.perf_counter() - t0
-    sec = timed(step, warmup=1)
+    sec = timed(step, warmup=1, reps=2 if compiled else REPS)
     real = sum(int(b["attention_mask"].sum()) for b in batches) / 3
     fpt = model.flops_per_token(n_heads=len(heads))
     return dict(seconds=sec, first_step_s=first, real_tokens_per_s=real / sec,
@@ -94,44 +94,40 @@ import sys, time, torch
 from model import Model, ModelConfig
 from loss import count_targets, mtp_loss, mtp_loss_reference, mtp_targets, step_coefficients
 import bench, data
-n_predict, fused, run = int(sys.argv[1]), sys.argv[2] == "fused", sys.argv[3] == "run"
+n_predict, fused = int(sys.argv[1]), sys.argv[2] == "fused"
 cfg = ModelConfig(n_predict=n_predict)
 model = Model(cfg)
 b = data.PackedLoader(batch_size=bench.BATCH, seq_len=cfg.seq_len, quiet=True).next_batch()
-t = 0.0
-if run:
-    for _ in range(2):
-        t0 = time.perf_counter()
-        tgt = mtp_targets(b["input_ids"], b["doc_ids"], n_predict)
-        coef = step_coefficients(count_targets(b, n_predict), torch.ones(n_predict, dtype=torch.float64))
-        out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
-        if fused:
-            sums, counts = mtp_loss(out.hidden, model.lm_head.weight, tgt, grad_scale=coef)
-        else:
-            sums, counts = mtp_loss_reference(out.hidden, model.lm_head.weight, tgt)
-        ((coef * sums).sum() + out.aux_loss).backward()
-        model.zero_grad(set_to_none=False)
-        t = time.perf_counter() - t0
 # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-print(int(hwm) * 1024, t)
+hwm = lambda: int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
+before = hwm()  # the process stopped before the step: the baseline of "of which the step"
+for _ in range(2):
+    t0 = time.perf_counter()
+    tgt = mtp_targets(b["input_ids"], b["doc_ids"], n_predict)
+    coef = step_coefficients(count_targets(b, n_predict), torch.ones(n_predict, dtype=torch.float64))
+    out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
+    if fused:
+        sums, counts = mtp_loss(out.hidden, model.lm_head.weight, tgt, grad_scale=coef)
+    else:
+        sums, counts = mtp_loss_reference(out.hidden, model.lm_head.weight, tgt)
+    ((coef * sums).sum() + out.aux_loss).backward()
+    model.zero_grad(set_to_none=False)
+    t = time.perf_counter() - t0
+print(hwm(), hwm() - before, t)
 """
 
 
-def loss_memory(reps=3):
+def loss_memory(reps=2):
     """Peak memory of a training step (forward, loss, backward) with 1 and 4 heads, fused vs materialized:
-    peak RSS (VmHWM) of a fresh process, and that minus the same process stopped before the step.
-    Medians of `reps` processes: the allocator makes single readings vary by about 5%."""
+    peak RSS (VmHWM) of a fresh process, and how much of it the step added (VmHWM before the step read in
+    the same process). Medians of `reps` processes: the allocator makes single readings vary by about 5%."""
     out = {}
     for n_predict in (1, 4):
-        def run(fused, mode):
-            rows = [subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n_predict), fused, mode], capture_output=True,
-                                   text=True, check=True).stdout.split() for _ in range(1 if QUICK else reps)]
-            return statistics.median(int(r[0]) for r in rows), statistics.median(float(r[1]) for r in rows)
-        base = run("fused", "idle")[0]
         for fused in ("fused", "materialized"):
-            rss, sec = run(fused, "run")
-            out[f"{n_predict}_heads_{fused}"] = dict(peak_gib=rss / 2**30, step_gib=(rss - base) / 2**30, seconds=sec)
+            rows = [subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n_predict), fused], capture_output=True,
+                                   text=True, check=True).stdout.split() for _ in range(1 if QUICK else reps)]
+            peak, step, sec = (statistics.median(float(r[i]) for r in rows) for i in range(3))
+            out[f"{n_predict}_heads_{fused}"] = dict(peak_gib=peak / 2**30, step_gib=step / 2**30, seconds=sec)
     return out
 
 
@@ -147,7 +143,8 @@ def chunk_bench():
     out = {}
     for elems in ((2**21, 2**23, 2**25) if DEV.type == "cpu" else (2**23, 2**25, 2**27)):
         rows = max(1, elems // cfg.vocab_size)
-        out[elems] = timed(lambda: torch.autograd.grad((scale * mtp_loss(h, w, tgt, rows, grad_scale=scale)[0]).sum(), (h, w)))
+        out[elems] = timed(lambda: torch.autograd.grad((scale * mtp_loss(h, w, tgt, rows, grad_scale=scale)[0]).sum(), (h, w)),
+                           reps=2)
     return out
 
 

@@ -75,10 +75,11 @@ def pick(probs, gen):
 class DraftPolicy:
     """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks
     the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
-    sample's acceptance a_j of draft j given the ones before it (Beta(1, 1) prior), over the measured
-    seconds of forwards computing d drafts (a running mean; unmeasured ones interpolated between d = 0 and
-    d = n_drafts, which are measured first). While plain decoding wins, one probe with drafts runs after 8,
-    16, 32, ... plain forwards, so acceptance that improves later in a text is noticed. With sampling the
+    sample's acceptance a_j of draft j given the ones before it (recent drafts weigh more: a text's easy and
+    hard stretches alternate; Beta(1, 1) prior), over the measured seconds of forwards computing d drafts (a
+    running mean; unmeasured ones interpolated between d = 0 and d = n_drafts, which are measured first).
+    While plain decoding wins, one probe with drafts runs after 4, 8, 16, ... (at most 64) plain forwards, so a
+    stretch of text where drafts hold is noticed. With sampling the
     drafts change which random numbers are drawn, so there the decisions must not depend on the clock, or a
     seed would not reproduce a sample: the cost of d drafts is then taken as (1 + d / n_drafts) plain forwards,
     about what the CPU measures for the default model."""
@@ -86,11 +87,11 @@ class DraftPolicy:
     def __init__(self, n_drafts, clock=True):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
         self.sec = [None] * (n_drafts + 1) if clock else [1 + d / max(n_drafts, 1) for d in range(n_drafts + 1)]
-        self.plain_run, self.probe_after = 0, 8
+        self.plain_run, self.probe_after = 0, 4
 
     def record(self, depth, accepted):
-        self.tries[depth] += 1
-        self.hits[depth] += accepted
+        self.tries[depth] = 0.9 * self.tries[depth] + 1
+        self.hits[depth] = 0.9 * self.hits[depth] + accepted
 
     def timed(self, d, seconds):
         if self.clock:
@@ -113,11 +114,11 @@ class DraftPolicy:
         cost = [s if s is not None else lo + (hi - lo) * d / self.n for d, s in enumerate(self.sec)]
         best = max(range(self.n + 1), key=lambda d: self.expected_tokens(d) / cost[d])
         if best > 0:
-            self.plain_run, self.probe_after = 0, 8
+            self.plain_run, self.probe_after = 0, 4
             return best
         self.plain_run += 1
         if self.plain_run >= self.probe_after:  # a probe: drafts again, once
-            self.plain_run, self.probe_after = 0, min(2 * self.probe_after, 512)
+            self.plain_run, self.probe_after = 0, min(2 * self.probe_after, 64)
             return max(range(1, self.n + 1), key=lambda d: self.expected_tokens(d) / cost[d])
         return 0
 
@@ -136,7 +137,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     dist = lambda logits: probs_from(logits, temperature, top_k, top_p)
     gen = None if temperature == 0 else (gen or torch.Generator().manual_seed(0))
     dev = next(model.parameters()).device
-    cache = KVCache(model, seq_len)
+    cache = KVCache(model, seq_len, vocab=GPT2_VOCAB)  # logits over GPT-2's ids only: padding ids never come out
     policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None)
     out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
     d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
@@ -153,9 +154,9 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         hidden = model(torch.tensor([feed], device=dev), kv_cache=cache, heads=range(1 + d)).hidden[:, 0]  # (1+d, T, D)
         forwards += 1
         base = len(feed) - 1 - len(drafts)  # fed index of the token before the first draft
-        head1 = model.logits(hidden[0, base:])  # head 1 there and at each draft: row i judges drafts[i]
+        head1 = model.logits(hidden[0, base:], cache)  # head 1 there and at each draft: row i judges drafts[i]
         if gen is None:  # greedy: token ids straight from the logits, no distributions
-            best = head1[:, :GPT2_VOCAB].argmax(-1).tolist()
+            best = head1.argmax(-1).tolist()
         else:
             p = dist(head1)
         kept, forced, done = 0, None, False
@@ -182,15 +183,15 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         room = min(budget - len(out), seq_len - cache.pos) - 1  # drafts fed next must fit the budget and context
         drafts, q = [], None
         if d > 0 and room > 0:  # the drafting heads at the last kept position
-            logits = model.logits(hidden[1:1 + room, base + kept])
+            logits = model.logits(hidden[1:1 + room, base + kept], cache)
             if gen is None:
-                drafts = logits[:, :GPT2_VOCAB].argmax(-1).tolist()
+                drafts = logits.argmax(-1).tolist()
             else:
                 q = dist(logits)
                 drafts = [pick(q[j], gen) for j in range(len(q))]
         feed = [out[-1]] + drafts
-        if forwards > 1 and d == prev_d:  # steady state only: a forward also pays for feeding the drafts before it
-            policy.timed(d, time.time() - t_fwd)
+        if forwards > 2 and d == prev_d:  # steady state only (a forward also pays for feeding the drafts before
+            policy.timed(d, time.time() - t_fwd)  # it), and not the first two, which pay for warming up
         prev_d, d = d, policy.choose()
     dt = time.time() - t0
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),

@@ -97,7 +97,7 @@ def test_verify_pass_computes_only_the_logits_it_needs(cyclic_model, monkeypatch
     model, _ = cyclic_model
     rows = []
     real = Model.logits
-    monkeypatch.setattr(Model, "logits", lambda self, h: rows.append(h.shape[:-1].numel()) or real(self, h))
+    monkeypatch.setattr(Model, "logits", lambda self, h, cache=None: rows.append(h.shape[:-1].numel()) or real(self, h, cache))
     monkeypatch.setattr(DraftPolicy, "choose", lambda self: self.n)  # always all drafts
     _, stats = generate(model, [3, 1, 4], 40, speculative=True)
     n = model.cfg.n_predict

@@ -76,7 +76,7 @@ beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = off
 bias_update_rate = 0.0  # DeepSeek-V3 aux-loss-free balancing step (0.001 in the paper); 0 = off
 # schedule
-max_iters = 300  # optimizer steps
+max_iters = 240  # optimizer steps
 warmup_iters = 10  # linear warmup steps
 lr_schedule = "cosine"  # "cosine" (warmup, cosine decay to the floor) or "wsd" (warmup, stable, decay)
 decay_frac = 0.2  # wsd: fraction of max_iters spent in the final linear decay
@@ -742,11 +742,13 @@ def prepare(cfg):
 def main(cfg):
     c, env, run, lock, loader, raw_model, fwd, opt, step = prepare(cfg)
     stages, log = parse_schedule(c.mtp_schedule, c.n_predict), env.log
+    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
+    stage_flops = [raw_model.flops_per_token(n_heads=sum(w > 0 for w in ws)) * tokens_per_step / env.world
+                   for ws in stages]  # model FLOPs of one step on one device, per stage
     listed = max(len(stage.split(",")) for stage in c.mtp_schedule.split(";"))
     if listed > c.n_predict:
         log(f"note: mtp_schedule={c.mtp_schedule!r} weighs {listed} heads; the model has n_predict={c.n_predict}, "
             f"so the weights of heads {c.n_predict + 1}..{listed} are not used")
-    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
     peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
     n_total, n_active = raw_model.param_counts()
     log(f"config: {json.dumps(cfg)}")
@@ -780,7 +782,6 @@ def main(cfg):
             heads = [k for k, w in enumerate(stages[stage]) if w > 0]
             model = parallel(fwd, heads, c, env)
             head_w = torch.tensor([stages[stage][k] for k in heads], device=env.device, dtype=torch.float64)
-            flops_per_token = raw_model.flops_per_token(n_heads=len(heads))
             if len(stages) > 1:
                 log(f"step {step}: stage {stage + 1}/{len(stages)} of the head schedule, heads {[k + 1 for k in heads]}")
         lr = lr_at(step, c)
@@ -824,7 +825,7 @@ def main(cfg):
             log(f"memory per rank: parameters {pb / 2**20:.2f} MiB + optimizer state {ob / 2**20:.2f} MiB")
         interval["steps"] += 1
         interval["tokens"] += s["real"]  # tensors: read at log time, no extra sync per step
-        interval["flops"] += flops_per_token * tokens_per_step / env.world  # per device
+        interval["flops"] += stage_flops[stage]  # per device
         t_end = time.time()
         interval["train_s"] += t_end - t0
 
@@ -833,8 +834,11 @@ def main(cfg):
             if env.device.type == "cuda":
                 torch.cuda.synchronize()  # queued work belongs to this interval, not the next
                 interval["train_s"] += time.time() - t_end
+            # ETA: the FLOPs left (the stages of a head schedule cost differently) at this process's own FLOP/s,
+            # plus the evaluations left at the measured cost of one
+            flops_left = sum(stage_flops[stage_at(t, stages, c.max_iters)] for t in range(step, c.max_iters))
             evals_left = sum(1 for t in range(step + 1, c.max_iters + 1) if t % c.eval_interval == 0 or t == c.max_iters)
-            eta = ((c.max_iters - step) * interval["train_s"] / interval["steps"]  # this process's own pace
+            eta = (flops_left * interval["train_s"] / interval["flops"]
                    + evals_left * (sum(eval_s) / len(eval_s) if eval_s else 0.0))
             emit(*train_record(step, stage, s, loss, grad_norm, lr, heads, interval, time.time() - t_start, eta, c, peak,
                                tokens_per_step))
