@@ -11,9 +11,12 @@ before the step.
 """
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,6 +28,8 @@ from loss import CHUNK_ELEMS, ModelWithLoss, count_targets, mtp_loss, step_coeff
 from model import Model, ModelConfig, doc_mask, experts_dense, experts_grouped, experts_loop, flex_attention, flex_block_mask
 
 QUICK = "--quick" in sys.argv
+# a fresh compile cache, so that "first step" of the compiled case is what a fresh machine pays
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPS = 2 if QUICK else 3
 BATCH = train.DEFAULTS["batch_size"]  # the model of `python train.py` is ModelConfig() with train.py's batch
@@ -80,9 +85,9 @@ def train_step_bench(cfg, compiled, loader, heads=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    step()  # the first step (compiles when compiled)
+    step()  # the first step (compiles when compiled); eager, it is also the warm-up
     first = time.perf_counter() - t0
-    sec = timed(step, warmup=1, reps=2 if compiled else REPS)
+    sec = timed(step, warmup=int(compiled), reps=2 if compiled or cfg.n_embd > 128 else REPS)
     real = sum(int(b["attention_mask"].sum()) for b in batches) / 3
     fpt = model.flops_per_token(n_heads=len(heads))
     return dict(seconds=sec, first_step_s=first, real_tokens_per_s=real / sec,
@@ -101,7 +106,7 @@ b = data.PackedLoader(batch_size=bench.BATCH, seq_len=cfg.seq_len, quiet=True).n
 # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak
 hwm = lambda: int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
 before = hwm()  # the process stopped before the step: the baseline of "of which the step"
-for _ in range(2):
+for _ in range(1):  # one step: the peak is the first step's; its time includes the allocator's first requests
     t0 = time.perf_counter()
     tgt = mtp_targets(b["input_ids"], b["doc_ids"], n_predict)
     coef = step_coefficients(count_targets(b, n_predict), torch.ones(n_predict, dtype=torch.float64))
@@ -120,12 +125,14 @@ print(hwm(), hwm() - before, t)
 def loss_memory(reps=2):
     """Peak memory of a training step (forward, loss, backward) with 1 and 4 heads, fused vs materialized:
     peak RSS (VmHWM) of a fresh process, and how much of it the step added (VmHWM before the step read in
-    the same process). Medians of `reps` processes: the allocator makes single readings vary by about 5%."""
+    the same process). Fused: medians of `reps` processes, as the allocator makes single readings vary by
+    about 5%; materialized: one process."""
     out = {}
     for n_predict in (1, 4):
         for fused in ("fused", "materialized"):
+            n = 1 if QUICK or fused == "materialized" else reps  # the reference is 3-4x off: one reading says it
             rows = [subprocess.run([sys.executable, "-c", LOSS_CHILD, str(n_predict), fused], capture_output=True,
-                                   text=True, check=True).stdout.split() for _ in range(1 if QUICK else reps)]
+                                   text=True, check=True).stdout.split() for _ in range(n)]
             peak, step, sec = (statistics.median(float(r[i]) for r in rows) for i in range(3))
             out[f"{n_predict}_heads_{fused}"] = dict(peak_gib=peak / 2**30, step_gib=step / 2**30, seconds=sec)
     return out
@@ -144,7 +151,7 @@ def chunk_bench():
     for elems in ((2**21, 2**23, 2**25) if DEV.type == "cpu" else (2**23, 2**25, 2**27)):
         rows = max(1, elems // cfg.vocab_size)
         out[elems] = timed(lambda: torch.autograd.grad((scale * mtp_loss(h, w, tgt, rows, grad_scale=scale)[0]).sum(), (h, w)),
-                           reps=2)
+                           reps=1)
     return out
 
 
@@ -226,6 +233,8 @@ def main():
     res["moe_dispatch_s"] = moe_bench()
     res["attention_s"] = attention_bench()
     res["seconds"] = time.time() - t_start
+    if os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(tempfile.gettempdir() + "/bench-inductor-"):
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     if "--json" in sys.argv:
         print(json.dumps(res, indent=1))
         return
