@@ -76,8 +76,9 @@ class DraftPolicy:
     """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks
     the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
     sample's acceptance a_j of draft j given the ones before it (recent drafts weigh more: a text's easy and
-    hard stretches alternate; Beta(1, 1) prior), over the measured seconds of forwards computing d drafts (a
-    running mean; unmeasured ones interpolated between d = 0 and d = n_drafts, which are measured first).
+    hard stretches alternate; Beta(1, 1) prior), over the measured seconds of forwards computing d drafts (the median of the
+    last 8: a shared machine's hiccups of several milliseconds must not make plain decoding look dearer than
+    drafting; unmeasured ones interpolated between d = 0 and d = n_drafts, which are measured first).
     While plain decoding wins, one probe with drafts runs after 4, 8, 16, ... (at most 64) plain forwards, so a
     stretch of text where drafts hold is noticed. With sampling the
     drafts change which random numbers are drawn, so there the decisions must not depend on the clock, or a
@@ -86,6 +87,7 @@ class DraftPolicy:
 
     def __init__(self, n_drafts, clock=True):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
+        self.times = [[] for _ in range(n_drafts + 1)]  # the last seconds measured per d (clock only)
         self.sec = [None] * (n_drafts + 1) if clock else [1 + d / max(n_drafts, 1) for d in range(n_drafts + 1)]
         self.plain_run, self.probe_after = 0, 4
 
@@ -95,7 +97,8 @@ class DraftPolicy:
 
     def timed(self, d, seconds):
         if self.clock:
-            self.sec[d] = seconds if self.sec[d] is None else 0.8 * self.sec[d] + 0.2 * seconds
+            self.times[d] = self.times[d][-7:] + [seconds]
+            self.sec[d] = statistics.median(self.times[d])
 
     def expected_tokens(self, d):
         p, e = 1.0, 1.0

@@ -123,6 +123,14 @@ def test_drafting_stops_when_drafts_fail(cyclic_model):
         for _ in range(20):
             good.record(j, True)
     assert good.choose() == 3  # drafts that hold: about 4 tokens for twice the cost
+    # one hiccup of the machine (a 10x slow plain forward) must not make drafts that rarely hold look cheaper;
+    # a running mean (0.8 old + 0.2 new) would cost plain 2.8 and pick d = 1 (1.3 tokens for 1.5)
+    noisy = DraftPolicy(3)
+    for d, sec in [(3, 2.0), (1, 1.5)] + [(0, 1.0)] * 6 + [(0, 10.0)]:
+        noisy.timed(d, sec)
+    for _ in range(20):
+        noisy.record(0, False), noisy.record(0, True), noisy.record(0, False)  # a third of first drafts hold
+    assert noisy.choose() == 0
     # end to end: heads 2..4 re-initialized, so drafts are random guesses: they fail, the sample decodes plainly
     # (sampling: the policy's costs are then fixed, not measured, so the test does not depend on the clock)
     model = copy.deepcopy(cyclic_model[0])
