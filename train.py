@@ -745,6 +745,10 @@ def main(cfg):
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
     stage_flops = [raw_model.flops_per_token(n_heads=sum(w > 0 for w in ws)) * tokens_per_step / env.world
                    for ws in stages]  # model FLOPs of one step on one device, per stage
+    # an evaluation, for the ETA until one is timed: eval_iters global batches forward only, every head, priced at
+    # 2/3 of a training step, not 1/3: the loss's softmax pass, not its FLOPs, dominates a forward (measured on the
+    # CPU: 7.1-7.7 s per evaluation of the default run, 0.7-0.8 of 4 training steps with every head)
+    eval_flops = raw_model.flops_per_token() * 2 / 3 * c.eval_iters * tokens_per_step / env.world
     listed = max(len(stage.split(",")) for stage in c.mtp_schedule.split(";"))
     if listed > c.n_predict:
         log(f"note: mtp_schedule={c.mtp_schedule!r} weighs {listed} heads; the model has n_predict={c.n_predict}, "
@@ -835,11 +839,12 @@ def main(cfg):
                 torch.cuda.synchronize()  # queued work belongs to this interval, not the next
                 interval["train_s"] += time.time() - t_end
             # ETA: the FLOPs left (the stages of a head schedule cost differently) at this process's own FLOP/s,
-            # plus the evaluations left at the measured cost of one
+            # plus the evaluations left at the measured cost of one (before the first, its FLOPs at that rate)
+            sec_per_flop = interval["train_s"] / interval["flops"]
             flops_left = sum(stage_flops[stage_at(t, stages, c.max_iters)] for t in range(step, c.max_iters))
-            evals_left = sum(1 for t in range(step + 1, c.max_iters + 1) if t % c.eval_interval == 0 or t == c.max_iters)
-            eta = (flops_left * interval["train_s"] / interval["flops"]
-                   + evals_left * (sum(eval_s) / len(eval_s) if eval_s else 0.0))
+            evals_left = sum(1 for t in range(step, c.max_iters + 1) if t % c.eval_interval == 0 or t == c.max_iters)
+            eta = (flops_left * sec_per_flop
+                   + evals_left * (sum(eval_s) / len(eval_s) if eval_s else eval_flops * sec_per_flop))
             emit(*train_record(step, stage, s, loss, grad_norm, lr, heads, interval, time.time() - t_start, eta, c, peak,
                                tokens_per_step))
             interval.update(train_s=0.0, steps=0, tokens=0.0, flops=0.0)
