@@ -398,7 +398,7 @@ def lock_out_dir(out, run):
 
 def claim_out_dir(c, run):
     """Rank 0, before anything is written: lock out_dir and apply the rules that keep checkpoints safe.
-    -> (lock fd, path of the checkpoint to resume or None)."""
+    -> (lock fd, path of the checkpoint to resume or None, that checkpoint loaded or None)."""
     out = Path(c.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir={c.out_dir!r} is a file, expected a folder")
@@ -410,30 +410,33 @@ def claim_out_dir(c, run):
     entries, files = read_index(out), sorted(out.glob("ckpt_*.pt"))
     if c.init_from == "scratch":
         doomed, why = files, "holds checkpoints of an earlier run"
-        resume = None
+        resume, ckpt = None, None
     else:
         resume, ckpt = find_resume(out, c.resume_path)
         mine, step = str(ckpt.get("run", "")), int(ckpt["step"])
         doomed, why = [], f"holds checkpoints of another run or newer than {resume.name} (step {step})"
-        for name, e in entries.items():
+        for name, e in list(entries.items()):
             if (e["run"] != mine or e["step"] > step) and (out / name).resolve() != resume.resolve():
                 try:  # only a good checkpoint stands in the way; a damaged one leaves the index
                     verify_checkpoint(out / name)
                     doomed.append(out / name)
                 except ValueError as err:
                     set_aside(out / name, err)
-    write_index(out, read_index(out))  # the index as the disk is now (damaged files set aside)
+                    del entries[name]
+    write_index(out, entries)  # the index as the disk is now (damaged files set aside)
     if doomed and not c.overwrite:
         raise ValueError(f"out_dir {out} {why} ({', '.join(p.name for p in doomed[:4])}"
                          f"{', ...' if len(doomed) > 4 else ''}): this run would overwrite them. "
                          "Use another out_dir, or --overwrite=True to replace them")
-    for p in doomed:
-        p.unlink(missing_ok=True)
-        p.with_suffix(".pt.sha256").unlink(missing_ok=True)
     if doomed:
+        for p in doomed:
+            entries.pop(p.name, None)
+        write_index(out, entries)  # before deleting: the index never names a missing file
+        for p in doomed:
+            p.unlink(missing_ok=True)
+            p.with_suffix(".pt.sha256").unlink(missing_ok=True)
         print(f"overwrite: removed {len(doomed)} checkpoint(s) from {out}", file=sys.stderr)
-        write_index(out, read_index(out))
-    return fd, resume
+    return fd, resume, ckpt
 
 
 def rng_state():
@@ -583,10 +586,10 @@ def setup(cfg):
 def claim(c, env):
     """Rank 0 locks out_dir and applies its rules (claim_out_dir); every rank learns the outcome and loads the
     checkpoint to resume (a shared filesystem) -> (run id, checkpoint or None, its path, the lock)."""
-    run, lock, decided = secrets.token_hex(4), None, [None, None]  # [error, checkpoint path]
+    run, lock, ckpt, decided = secrets.token_hex(4), None, None, [None, None]  # [error, checkpoint path]
     if env.master:
         try:
-            lock, resume = claim_out_dir(c, run)
+            lock, resume, ckpt = claim_out_dir(c, run)  # rank 0 has loaded the checkpoint already
             decided[1] = str(resume) if resume else None
         except ValueError as e:
             decided[0] = str(e)
@@ -594,7 +597,8 @@ def claim(c, env):
         dist.broadcast_object_list(decided, src=0)
     if decided[0]:
         raise ValueError(decided[0])
-    ckpt = load_checkpoint(decided[1]) if decided[1] else None
+    if decided[1] and ckpt is None:
+        ckpt = load_checkpoint(decided[1])
     return (str(ckpt.get("run", run)) if ckpt else run), ckpt, decided[1], lock
 
 
@@ -778,7 +782,7 @@ def main(cfg):
     emit(dict(event="resume" if step else "start", step=step, time=time.time(), world_size=env.world),
          f"run {run}: {'resuming at step ' + str(step) if step else 'starting'}")
     first_step, skips, last_saved, stage, eval_s = step, 0, step or None, None, []
-    t_start, interval = time.time(), dict(train_s=0.0, steps=0, tokens=0.0, flops=0.0)  # training since the last log
+    t_start, interval = time.time(), dict(train_s=0.0, tokens=0.0, flops=0.0)  # training since the last log
     while step < c.max_iters:
         t0 = time.time()
         if stage != stage_at(step, stages, c.max_iters):  # a new stage of the head schedule
@@ -827,7 +831,6 @@ def main(cfg):
             pb = sum(local_bytes(p) for p in raw_model.parameters())
             ob = sum(local_bytes(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
             log(f"memory per rank: parameters {pb / 2**20:.2f} MiB + optimizer state {ob / 2**20:.2f} MiB")
-        interval["steps"] += 1
         interval["tokens"] += s["real"]  # tensors: read at log time, no extra sync per step
         interval["flops"] += stage_flops[stage]  # per device
         t_end = time.time()
@@ -847,7 +850,7 @@ def main(cfg):
                    + evals_left * (sum(eval_s) / len(eval_s) if eval_s else eval_flops * sec_per_flop))
             emit(*train_record(step, stage, s, loss, grad_norm, lr, heads, interval, time.time() - t_start, eta, c, peak,
                                tokens_per_step))
-            interval.update(train_s=0.0, steps=0, tokens=0.0, flops=0.0)
+            interval.update(train_s=0.0, tokens=0.0, flops=0.0)
         due = step % c.eval_interval == 0 or step == c.max_iters
         if due or stop:
             if env.device.type == "cuda":
@@ -897,7 +900,8 @@ def cli(argv):
         print(f"error: {e.strerror + (f': {e.filename}' if e.filename else '') if e.strerror else e}", file=sys.stderr)
         code = 1
     if dist.is_initialized():
-        dist.barrier() if code == 0 else None
+        if code == 0:
+            dist.barrier()
         dist.destroy_process_group()
         # skip interpreter teardown: gloo worker threads can abort it (pytorch PR 179291)
         sys.stdout.flush()
