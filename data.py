@@ -212,8 +212,8 @@ def _build_cache(kind, paths, out_dir, quiet):
     is removed by the next build here once its pid is gone (only on this host: pids of others mean nothing)."""
     host = socket.gethostname()
     for stale in out_dir.parent.glob(".tmp-*"):
-        prefix, _, pid = stale.name.rpartition("-")
-        if prefix.endswith(f"-{host}") and pid.isdecimal() and int(pid) > 0 and not _alive(int(pid)):
+        m = re.fullmatch(rf"\.tmp-\w+-[0-9a-f]+-{re.escape(host)}-(\d+)", stale.name)  # host "gpu-node1" is not "node1"
+        if m and int(m[1]) > 0 and not _alive(int(m[1])):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{host}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -324,10 +324,13 @@ class Corpus:
                 starts = np.flatnonzero(tokens == EOT)
                 if len(tokens) and (not len(starts) or starts[0] != 0):
                     starts = np.concatenate([[0], starts])  # tokens before the first EOT: a document too
+                end = len(tokens)
+                if len(starts) > 1 and starts[-1] == end - 1:  # a final EOT opens nothing: it ends the document before
+                    starts, end = starts[:-1], end - 1
                 self.arrays.append(tokens)
                 src.append(np.full(len(starts), i, dtype=np.int32))
                 start.append(starts)
-                length.append(np.diff(np.append(starts, len(tokens))) + 1)  # + the next document's EOT
+                length.append(np.diff(np.append(starts, end)) + 1)  # + the next document's EOT
             self.src, self.start, self.length = (np.concatenate(a).astype(np.int64) for a in (src, start, length))
             self.fingerprint = _shard_fingerprint(paths)
             self.summary = dict(docs=len(self.start), tokens=int(self.length.sum()), shards=len(paths),
