@@ -12,12 +12,12 @@ before the step.
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,6 @@ from loss import CHUNK_ELEMS, ModelWithLoss, count_targets, mtp_loss, step_coeff
 from model import Model, ModelConfig, doc_mask, experts_dense, experts_grouped, experts_loop, flex_attention, flex_block_mask
 
 QUICK = "--quick" in sys.argv
-# a fresh compile cache, so that "first step" of the compiled case is what a fresh machine pays
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPS = 2 if QUICK else 3
 BATCH = train.DEFAULTS["batch_size"]  # the model of `python train.py` is ModelConfig() with train.py's batch
@@ -64,7 +62,7 @@ def matmul_peak():
     return out
 
 
-def train_step_bench(cfg, compiled, loader, heads=None):
+def train_step_bench(cfg, compiled, loader, heads=None, reps=REPS):
     torch.manual_seed(0)
     model = Model(cfg).to(DEV)
     if compiled:
@@ -72,22 +70,20 @@ def train_step_bench(cfg, compiled, loader, heads=None):
     fwd, heads = ModelWithLoss(model), list(range(cfg.n_predict) if heads is None else heads)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batches = [{k: v.to(DEV) for k, v in loader.next_batch().items()} for _ in range(3)]
-    ac = torch.autocast("cuda", torch.bfloat16) if DEV.type == "cuda" else torch.autocast("cpu", enabled=False)
-    i = [0]
+    ac = torch.autocast("cuda", torch.bfloat16) if DEV.type == "cuda" else nullcontext()
+    head_w, i = torch.ones(len(heads), dtype=torch.float64, device=DEV), [0]
 
     def step():  # train.py's step on one rank, one micro-batch
         b = batches[i[0] % 3]
         i[0] += 1
-        coef = step_coefficients(count_targets(b, cfg.n_predict)[heads].to(DEV), torch.ones(len(heads), device=DEV))
-        with ac:
-            out = fwd(b, heads=heads, grad_scale=coef)
-        ((coef * out.sums).sum() + out.aux_loss).backward()
+        coef = step_coefficients(count_targets(b, cfg.n_predict)[heads].to(DEV), head_w)
+        train.forward_backward(fwd, [b], heads, coef, ac)
         opt.step()
         opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     step()  # the first step (compiles when compiled); eager, it is also the warm-up
     first = time.perf_counter() - t0
-    sec = timed(step, warmup=int(compiled), reps=2 if compiled or cfg.n_embd > 128 else REPS)
+    sec = timed(step, warmup=int(compiled), reps=reps)
     real = sum(int(b["attention_mask"].sum()) for b in batches) / 3
     fpt = model.flops_per_token(n_heads=len(heads))
     return dict(seconds=sec, first_step_s=first, real_tokens_per_s=real / sec,
@@ -97,7 +93,7 @@ def train_step_bench(cfg, compiled, loader, heads=None):
 LOSS_CHILD = r"""
 import sys, time, torch
 from model import Model, ModelConfig
-from loss import count_targets, mtp_loss, mtp_loss_reference, mtp_targets, step_coefficients
+from loss import ModelWithLoss, count_targets, mtp_loss_reference, mtp_targets, step_coefficients
 import bench, data
 n_predict, fused = int(sys.argv[1]), sys.argv[2] == "fused"
 cfg = ModelConfig(n_predict=n_predict)
@@ -106,19 +102,18 @@ b = data.PackedLoader(batch_size=bench.BATCH, seq_len=cfg.seq_len, quiet=True).n
 # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak
 hwm = lambda: int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
 before = hwm()  # the process stopped before the step: the baseline of "of which the step"
-for _ in range(1):  # one step: the peak is the first step's; its time includes the allocator's first requests
-    t0 = time.perf_counter()
-    tgt = mtp_targets(b["input_ids"], b["doc_ids"], n_predict)
-    coef = step_coefficients(count_targets(b, n_predict), torch.ones(n_predict, dtype=torch.float64))
+t0 = time.perf_counter()  # one step: the peak is the first step's; its time includes the allocator's first requests
+coef = step_coefficients(count_targets(b, n_predict), torch.ones(n_predict, dtype=torch.float64))
+if fused:  # train.py's path
+    out = ModelWithLoss(model)(b, grad_scale=coef)
+    sums = out.sums
+else:  # every head's logits materialized
     out = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
-    if fused:
-        sums, counts = mtp_loss(out.hidden, model.lm_head.weight, tgt, grad_scale=coef)
-    else:
-        sums, counts = mtp_loss_reference(out.hidden, model.lm_head.weight, tgt)
-    ((coef * sums).sum() + out.aux_loss).backward()
-    model.zero_grad(set_to_none=False)
-    t = time.perf_counter() - t0
-print(hwm(), hwm() - before, t)
+    tgt = mtp_targets(b["input_ids"], b["doc_ids"], n_predict)
+    sums, _ = mtp_loss_reference(out.hidden, model.lm_head.weight, tgt)
+((coef * sums).sum() + out.aux_loss).backward()
+t, peak = time.perf_counter() - t0, hwm()
+print(peak, peak - before, t)
 """
 
 
@@ -145,7 +140,7 @@ def chunk_bench():
     torch.manual_seed(0)
     h = torch.randn(cfg.n_predict, BATCH, cfg.seq_len, cfg.n_embd, device=DEV, requires_grad=True)
     w = (0.02 * torch.randn(cfg.vocab_size, cfg.n_embd, device=DEV)).requires_grad_()
-    tgt = torch.randint(0, 50257, (cfg.n_predict, BATCH, cfg.seq_len), device=DEV)
+    tgt = torch.randint(0, data.GPT2_VOCAB, (cfg.n_predict, BATCH, cfg.seq_len), device=DEV)
     scale = torch.ones(cfg.n_predict, device=DEV)
     out = {}
     for elems in ((2**21, 2**23, 2**25) if DEV.type == "cpu" else (2**23, 2**25, 2**27)):
@@ -209,19 +204,26 @@ def loader_bench(train_tokens_per_s):
 
 
 def main():
+    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
+        # a fresh compile cache, so that "first step" of the compiled case is what a fresh machine pays
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+        report(measure())
+
+
+def measure():
     t_start = time.time()
     res = dict(device=torch.cuda.get_device_name() if DEV.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                torch=torch.__version__)
     res["matmul_flops_per_s"] = peak = matmul_peak()
     cfg = ModelConfig()  # the model of `python train.py`
     loader = data.PackedLoader(batch_size=BATCH, seq_len=cfg.seq_len, quiet=True)
-    cases = [("default", cfg, False, None), ("default_1_head", cfg, False, [0]), ("default_compiled", cfg, True, None),
-             ("larger", ModelConfig(n_embd=256, n_layer=4, n_head=8), False, None)]
+    cases = [("default", cfg, False, None, REPS), ("default_1_head", cfg, False, [0], REPS),
+             ("default_compiled", cfg, True, None, 2), ("larger", ModelConfig(n_embd=256, n_layer=4, n_head=8), False, None, 2)]
     res["train_step"] = {}
-    for name, c, compiled, heads in cases:
+    for name, c, compiled, heads, reps in cases:
         if QUICK and compiled:
             continue
-        r = train_step_bench(c, compiled, loader, heads)
+        r = train_step_bench(c, compiled, loader, heads, reps)
         r["utilization_vs_fp32_matmul"] = r["flops_per_s"] / peak["float32"]
         if "bfloat16" in peak:
             r["utilization_vs_bf16_matmul"] = r["flops_per_s"] / peak["bfloat16"]
@@ -233,8 +235,11 @@ def main():
     res["moe_dispatch_s"] = moe_bench()
     res["attention_s"] = attention_bench()
     res["seconds"] = time.time() - t_start
-    if os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(tempfile.gettempdir() + "/bench-inductor-"):
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    return res
+
+
+def report(res):
+    peak = res["matmul_flops_per_s"]
     if "--json" in sys.argv:
         print(json.dumps(res, indent=1))
         return
