@@ -13,8 +13,9 @@ grad_weight when the caller says beforehand by how much it will weigh each head 
 training step can, since its coefficients w_k * world_size / N_k are known before the forward.
 
 Precision: the chunk matmuls run in the autocast dtype when autocast is on (bf16 on CUDA: they are half
-the training FLOPs of the GPT-2-sized preset), else in the inputs' dtype; their products, the softmax, the
-sums and the weight-gradient accumulation are float32 (float64 for float64 inputs).
+the training FLOPs of the GPT-2-sized preset), else in the inputs' dtype; their outputs are upcast (a bf16
+matmul's logits are rounded to bf16 first), and the softmax, the sums and the weight-gradient accumulation
+are float32 (float64 for float64 inputs).
 
 ModelWithLoss puts the model and its loss in one forward, the one way train.py, bench.py and the tests
 get (sums, counts) from a batch; DDP and FSDP wrap it whole (see its docstring).
@@ -178,7 +179,7 @@ def head_agreement(preds, targets):
     accept = torch.zeros(K - 1, B, T, dtype=torch.bool, device=preds.device)
     for j in range(1, min(K, T)):  # head j+1 drafts token t+j+1; head 1 at t+j is its judge
         accept[j - 1, :, :T - j] = (preds[j, :, :T - j] == preds[0, :, j:]) & valid[j - 1, :, :T - j]
-    run = accept.long().cumprod(0).sum(0) if K > 1 else torch.zeros(B, T, dtype=torch.long, device=preds.device)
+    run = accept.long().cumprod(0).sum(0)  # (B, T); zeros when K = 1 (no drafts)
     pieces = dict(correct=correct, valid=valid.sum((1, 2)), accepted=accept.sum((1, 2)),
                   judged=valid[:K - 1].sum((1, 2)), run=((1 + run) * valid[0]).sum()[None], positions=valid[0].sum()[None])
     return {k: v.double() for k, v in pieces.items()}

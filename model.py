@@ -144,7 +144,7 @@ class KVCache:
         self.kv = {b.attn: (p.new_zeros(batch, kv, max_len, hd), p.new_zeros(batch, kv, max_len, hd))
                    for b in list(model.blocks) + list(model.heads)}
         self.trunk = p.new_zeros(batch, max_len, cfg.n_embd)
-        self.pos, self.head_pos, self.max_len = 0, [0] * cfg.n_predict, max_len
+        self.pos, self.head_pos = 0, [0] * cfg.n_predict
         # the unembedding transposed, (D, vocab): decoding multiplies a few rows at a time, and the CPU's GEMM
         # reads this layout up to 1.8x faster than lm_head.weight.t() (vocab: drop the padding ids up front)
         self.unembed_DV = model.lm_head.weight[:vocab].detach().t().contiguous()
@@ -365,7 +365,7 @@ class Model(nn.Module):
         cfg, T, n = self.cfg, seq_len or self.cfg.seq_len, self.cfg.n_predict if n_heads is None else n_heads
         _, active = self.param_counts()
         lm = cfg.vocab_size * cfg.n_embd
-        head_block = sum(p.numel() for p in self.heads[0].parameters()) if cfg.n_predict else 0
+        head_block = sum(p.numel() for p in self.heads[0].parameters())  # n_predict >= 1
         matmul = active - lm * (1 if cfg.tie_embeddings else 2) + lm * n - head_block * (cfg.n_predict - n)
         return 6 * matmul + 12 * (cfg.n_layer + n) * cfg.n_embd * T
 
@@ -406,8 +406,9 @@ class Model(nn.Module):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(input_ids.shape)} like input_ids")
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.cfg.seq_len:
-            raise ValueError(f"sequence length {start + T} > seq_len {self.cfg.seq_len}")
+        room = min(self.cfg.seq_len, kv_cache.trunk.shape[1]) if kv_cache is not None else self.cfg.seq_len
+        if start + T > room:
+            raise ValueError(f"sequence length {start + T} > {'the KV cache' if room < self.cfg.seq_len else 'seq_len'} {room}")
         if input_ids.device.type == "cpu":
             self.check_inputs(input_ids, position_ids)
         heads = range(self.cfg.n_predict) if heads is None else heads

@@ -46,11 +46,10 @@ DEFAULTS = dict(
 
 
 def probs_from(logits, temperature, top_k, top_p):
-    """Logits (..., V) -> sampling distribution; ids >= 50257 (vocabulary padding) never come out."""
+    """Logits (..., V) -> sampling distribution at temperature > 0 (greedy decoding reads the logits' argmax
+    instead); ids >= 50257 (vocabulary padding) never come out."""
     logits = logits.float().clone()
     logits[..., GPT2_VOCAB:] = float("-inf")
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -67,8 +66,6 @@ def probs_from(logits, temperature, top_k, top_p):
 def pick(probs, gen):
     """A token from probs (V,). Random draws happen on the CPU, on purpose: the token is read by the host
     anyway, one CPU generator serves every device, and a seed gives the same draws on a CPU and a GPU."""
-    if gen is None:  # greedy (temperature 0): probs is one-hot
-        return int(probs.argmax(-1))
     return int(torch.multinomial(probs.to("cpu", torch.float32), 1, generator=gen))
 
 
@@ -160,8 +157,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         head1 = model.logits(hidden[0, base:], cache)  # head 1 there and at each draft: row i judges drafts[i]
         if gen is None:  # greedy: token ids straight from the logits, no distributions
             best = head1.argmax(-1).tolist()
-        else:
-            p = dist(head1)
+        else:  # one copy to the host per forward: the acceptance tests and draws below read it there
+            p = dist(head1).cpu()
         kept, forced, done = 0, None, False
         for i, draft in enumerate(drafts):  # q[i]: the distribution drafts[i] was drawn from
             if gen is None:
@@ -190,7 +187,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
             if gen is None:
                 drafts = logits.argmax(-1).tolist()
             else:
-                q = dist(logits)
+                q = dist(logits).cpu()
                 drafts = [pick(q[j], gen) for j in range(len(q))]
         feed = [out[-1]] + drafts
         if forwards > 2 and d == prev_d:  # steady state only (a forward also pays for feeding the drafts before
@@ -251,9 +248,9 @@ def bench(model, state, c, prompt_len=32, stride=1024):
         spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True)
         if spec_ids != plain_ids:
             raise RuntimeError(f"document {d} at {o}: speculative greedy output differs from plain greedy")
-        rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"], spec["tokens"]))
+        rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"]))
     q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    speedups = [s / p for p, s, _, _ in rows]
+    speedups = [s / p for p, s, _ in rows]
     lo, med, hi = q(speedups)
     print(f"{len(rows)} held-out prompts of {prompt_len} tokens, up to {c['max_new_tokens']} new tokens, greedy; "
           f"speculative output identical to plain on every prompt", file=sys.stderr)

@@ -124,7 +124,8 @@ def test_a_document_end_is_learned():
         assert tgt[k - 1, 0, closing - k] == EOT % V  # head k learns A's end k positions before it
         assert tgt[k - 1, 0, opening - k] == IGNORE  # ... never B's opening EOT
         assert (tgt[k - 1, 0, :opening] != IGNORE).sum() == 9 - k  # ... nor anything else of B
-    # and the end of A gets a gradient: the loss moves when the model is told A goes on (closing id changed)
+    # and the loss really counts it: changing the closing EOT's id moves every head's sum (a loss that took
+    # EOT for padding, ignore_index = EOT, the original bug's cousin, would not move)
     out = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"])
     s1, _ = mtp_loss(out.hidden, model.lm_head.weight, tgt)
     tgt2 = tgt.clone()

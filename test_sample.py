@@ -58,6 +58,8 @@ def test_kv_cache_equals_recomputing():
     other[:, 10:] = (other[:, 10:] + 3) % V
     h = model(other[:, 10:], kv_cache=cache).hidden[:, 0]
     torch.testing.assert_close(h, model(other).hidden[:, 0, 10:], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="sequence length 9 > the KV cache 8"):  # a short cache: said, not a shape error
+        model(ids[:, :9], kv_cache=KVCache(model, 8))
 
 
 def test_skipped_heads_catch_up_exactly():
@@ -153,15 +155,18 @@ def test_sampling_is_reproducible(cyclic_model):
     assert run(5, True) != run(6, True)  # the random model: the seed matters
 
 
-def test_draws_happen_on_the_cpu_generator(monkeypatch):
-    # on a GPU the probabilities live there; the draw must use a generator of the same device: we draw on the CPU
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_draws_happen_on_the_cpu_generator(monkeypatch, device):
+    # on a GPU the probabilities live there; the draw must use a generator of the same device: we draw on the CPU,
+    # in float32 whatever the probabilities' device and dtype (float64 here: a draw that skipped the copy shows)
     seen = []
     real = torch.multinomial
-    monkeypatch.setattr(torch, "multinomial", lambda p, n, generator: seen.append((p.device, generator.device))
+    monkeypatch.setattr(torch, "multinomial", lambda p, n, generator: seen.append((p.device, p.dtype, generator.device))
                         or real(p, n, generator=generator))
-    probs = torch.softmax(torch.randn(V, dtype=torch.float64), -1)
+    probs = torch.softmax(torch.randn(V, dtype=torch.float64, device=device), -1)
     assert 0 <= sample.pick(probs, torch.Generator().manual_seed(0)) < V
-    assert seen == [(torch.device("cpu"), torch.device("cpu"))]
+    assert seen == [(torch.device("cpu"), torch.float32, torch.device("cpu"))]
 
 
 def test_speculative_sampling_keeps_head_1_distribution(cyclic_model, monkeypatch):
