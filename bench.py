@@ -25,7 +25,16 @@ import torch.nn.functional as F
 import data
 import train
 from loss import CHUNK_ELEMS, ModelWithLoss, count_targets, mtp_loss, step_coefficients
-from model import Model, ModelConfig, doc_mask, experts_dense, experts_grouped, experts_loop, flex_attention, flex_block_mask
+from model import (
+    Model,
+    ModelConfig,
+    doc_mask,
+    experts_dense,
+    experts_grouped,
+    experts_loop,
+    flex_attention,
+    flex_block_mask,
+)
 
 QUICK = "--quick" in sys.argv
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,8 +154,8 @@ def chunk_bench():
     out = {}
     for elems in ((2**21, 2**23, 2**25) if DEV.type == "cpu" else (2**23, 2**25, 2**27)):
         rows = max(1, elems // cfg.vocab_size)
-        out[elems] = timed(lambda: torch.autograd.grad((scale * mtp_loss(h, w, tgt, rows, grad_scale=scale)[0]).sum(), (h, w)),
-                           reps=1)
+        out[elems] = timed(lambda: torch.autograd.grad(
+            (scale * mtp_loss(h, w, tgt, rows, grad_scale=scale)[0]).sum(), (h, w)), reps=1)
     return out
 
 
@@ -212,13 +221,14 @@ def main():
 
 def measure():
     t_start = time.time()
-    res = dict(device=torch.cuda.get_device_name() if DEV.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-               torch=torch.__version__)
+    name = torch.cuda.get_device_name() if DEV.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    res = dict(device=name, torch=torch.__version__)
     res["matmul_flops_per_s"] = peak = matmul_peak()
     cfg = ModelConfig()  # the model of `python train.py`
     loader = data.PackedLoader(batch_size=BATCH, seq_len=cfg.seq_len, quiet=True)
     cases = [("default", cfg, False, None, REPS), ("default_1_head", cfg, False, [0], REPS),
-             ("default_compiled", cfg, True, None, 2), ("larger", ModelConfig(n_embd=256, n_layer=4, n_head=8), False, None, 2)]
+             ("default_compiled", cfg, True, None, 2),
+             ("larger", ModelConfig(n_embd=256, n_layer=4, n_head=8), False, None, 2)]
     res["train_step"] = {}
     for name, c, compiled, heads, reps in cases:
         if QUICK and compiled:
@@ -269,7 +279,8 @@ def report(res):
             print(f"  4 heads / 1 head, {kind}: peak {a['peak_gib'] / b['peak_gib']:.2f}x, "
                   f"step {a['step_gib'] / b['step_gib']:.2f}x, time {a['seconds'] / b['seconds']:.2f}x")
     ch = res["loss_chunk_s"]
-    print(f"\nMTP loss forward + backward by chunk (logits held at once; CHUNK_ELEMS here: {CHUNK_ELEMS.get(DEV.type)}): "
+    print("\nMTP loss forward + backward by chunk (logits held at once; "
+          f"CHUNK_ELEMS here: {CHUNK_ELEMS.get(DEV.type)}): "
           + ", ".join(f"2^{int(math.log2(e))} {1e3 * t:.0f} ms" for e, t in ch.items()))
     m = res["moe_dispatch_s"]
     print(f"\nMoE dispatch, 8 experts top-2, forward+backward: loop {1e3 * m['loop']:.1f} ms, grouped "

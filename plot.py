@@ -64,18 +64,7 @@ def load_run(folder):
             train[r["step"]] = r
     if not train:
         raise ValueError(f"{path}: no training line" + (f" in its last run ({run_id})" if run_id else ""))
-    # elapsed_s restarts near 0 in a resumed process: where it goes back, continue from the last time before
-    # (a train.py that restored the time from its checkpoint would never go back: nothing to do).
-    offset, last_raw, last = 0.0, None, None
-    for _, _, r in sorted([(s, 0, r) for s, r in train.items()] + [(s, 1, r) for s, r in evals.items()],
-                          key=lambda t: t[:2]):  # at one step the train line is written before the eval line
-        e = num(r.get("elapsed_s"))
-        if math.isnan(e):
-            continue
-        if last_raw is not None and e < last_raw:
-            offset = last
-        last_raw, last = e, e + offset
-        r["elapsed_s"] = last
+    # elapsed_s is the run's clock: a resumed process continues it from its checkpoint, so it is read as written
     for s, r in evals.items():  # eval lines of an older train.py have no time: that of the step's train line
         if r.get("elapsed_s") is None and s in train:
             r["elapsed_s"] = train[s].get("elapsed_s")

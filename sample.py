@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from data import EOT, GPT2_VOCAB, Corpus, get_tokenizer
-from model import KVCache, Model, ModelConfig
-from train import MODEL_FIELDS, find_resume, parse_config, resolve_device
+from checkpoint import load_model
+from model import KVCache
+from settings import parse_config, resolve_device
 
 DEFAULTS = dict(
     out_dir="out",  # where train.py wrote its checkpoints
@@ -196,16 +197,6 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     dt = time.time() - t0
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),
                      tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted)
-
-
-def load_model(out_dir, ckpt, device):
-    path, state = find_resume(out_dir, ckpt)
-    try:
-        model = Model(ModelConfig(**{k: state["config"][k] for k in MODEL_FIELDS if k in state["config"]}))
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {path}: not a model checkpoint of this train.py ({type(e).__name__}: {e})")
-    return model.to(device).eval(), path, state
 
 
 def check_settings(c):

@@ -35,7 +35,7 @@ def train(step, elapsed, *losses, stage=0):
 
 
 # Run "a" is an older run in the same folder: never drawn. Run "b" logs to step 40, crashes before saving 40,
-# resumes from the checkpoint at 20 (its elapsed_s restarts from 0) and logs step 30 again with head 3
+# resumes from the checkpoint at 20 (its clock continues from the 2.6 s saved there) and logs step 30 again with head 3
 # inactive (the second stage of an mtp_schedule). LIVE is the file while the resumed run is at step 30.
 LIVE = [
     dict(run="a", event="start", step=0),
@@ -48,11 +48,11 @@ LIVE = [
     train(40, 4.0, 3.3, 4.3, 5.3),  # before the crash: superseded by the resume, never repeated in LIVE
     evals(40, 4.5, (3.9, 4.9, 5.9), (0.3, 0.2, 0.1), (0.5, 0.25), 1.6),  # evaluated, then the save failed
     dict(run="b", event="resume", step=20),
-    train(30, 1.0, 3.5, 4.5, stage=1),  # no loss_h3 key
+    train(30, 3.6, 3.5, 4.5, stage=1),  # no loss_h3 key
 ]
 DONE = LIVE + [
-    train(40, 2.0, 3.2, 4.2, None, stage=1),  # loss_h3 null
-    evals(40, 2.5, (3.4, 4.4), (0.4, 0.3), (0.6,), 1.5),
+    train(40, 4.6, 3.2, 4.2, None, stage=1),  # loss_h3 null
+    evals(40, 5.1, (3.4, 4.4), (0.4, 0.3), (0.6,), 1.5),
 ]
 
 
@@ -78,10 +78,10 @@ def test_load_last_run_deduplicated(tmp_path):
     assert column(run["train"], "step") == [10, 20, 30, 40]
     assert column(run["train"], "loss_h1") == [5.0, 4.0, 3.5, 3.2]
     assert column(run["train"], "loss_h3") == [7.0, 6.0, None, None]
-    # time continues across the resume: the new process's 1.0 and 2.0 s come after the 2.5 s of eval 20
-    assert column(run["train"], "elapsed_s") == [1.0, 2.0, 3.5, 4.5]
+    # the run's clock across the resume, as written (the discarded segment's 3.0 and 4.0 s are gone)
+    assert column(run["train"], "elapsed_s") == [1.0, 2.0, 3.6, 4.6]
     assert column(run["evals"], "step") == [20, 40]
-    assert column(run["evals"], "elapsed_s") == [2.5, 5.0]
+    assert column(run["evals"], "elapsed_s") == [2.5, 5.1]
     assert column(run["evals"], "val_accept_h3") == [0.25, None]
     assert plot.n_heads([run]) == 3
     assert math.isnan(plot.num(None)) and math.isnan(plot.num(float("inf"))) and plot.num(2) == 2.0

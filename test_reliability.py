@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import checkpoint
 import train
 from test_train import launch, metrics, state, train_run, wait_for_steps
 
@@ -59,7 +60,7 @@ def test_resume_next_to_a_damaged_newer_checkpoint(tmp_path):
     idx = index(tmp_path)
     assert idx["latest"] == "ckpt_0000006.pt" and all((tmp_path / n).exists() for n in idx["checkpoints"])
     assert "ckpt_0000006.pt" in ckpts(tmp_path) and (tmp_path / "ckpt_0000004.pt.damaged").exists()
-    train.load_checkpoint(tmp_path / idx["best"])
+    checkpoint.load_checkpoint(tmp_path / idx["best"])
 
 
 def test_resume_refuses_to_overwrite_newer_good_checkpoints(tmp_path):
@@ -87,13 +88,13 @@ def test_two_trainers_in_one_folder(tmp_path):
 
 
 def test_pruning_keeps_the_newest_and_the_best_of_this_run_only(tmp_path):
-    train.save_checkpoint(tmp_path, 1, state(1, 5.0, run="other"), keep=1)  # another run's file (an old layout)
+    checkpoint.save_checkpoint(tmp_path, 1, state(1, 5.0, run="other"), keep=1)  # another run's file (an old layout)
     for step, val in ((2, 1.0), (3, 2.0), (4, None), (5, 3.0)):
-        train.save_checkpoint(tmp_path, step, state(step, val), keep=1)
+        checkpoint.save_checkpoint(tmp_path, step, state(step, val), keep=1)
     assert ckpts(tmp_path) == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000005.pt"]  # other run, best, newest
     idx = index(tmp_path)
     assert idx["latest"] == "ckpt_0000005.pt" and idx["best"] == "ckpt_0000002.pt"
-    train.save_checkpoint(tmp_path, 6, state(6, None), keep=0)  # keep_last=0: keep everything
+    checkpoint.save_checkpoint(tmp_path, 6, state(6, None), keep=0)  # keep_last=0: keep everything
     assert ckpts(tmp_path)[-2:] == ["ckpt_0000005.pt", "ckpt_0000006.pt"]
 
 
@@ -101,10 +102,10 @@ def test_pruning_keeps_the_newest_and_the_best_of_this_run_only(tmp_path):
 
 @pytest.mark.parametrize("garbage", ["{not json", "[1, 2]", '{"checkpoints": 5}', '{"checkpoints": {"ckpt_0000001.pt": 3}}', ""])
 def test_a_damaged_index_is_rebuilt(tmp_path, garbage, capsys):
-    train.save_checkpoint(tmp_path, 1, state(1, 2.0), keep=3)
-    train.save_checkpoint(tmp_path, 2, state(2, 1.0), keep=3)
+    checkpoint.save_checkpoint(tmp_path, 1, state(1, 2.0), keep=3)
+    checkpoint.save_checkpoint(tmp_path, 2, state(2, 1.0), keep=3)
     (tmp_path / "checkpoints.json").write_text(garbage)
-    train.save_checkpoint(tmp_path, 3, state(3, 4.0), keep=3)
+    checkpoint.save_checkpoint(tmp_path, 3, state(3, 4.0), keep=3)
     idx = index(tmp_path)
     assert sorted(idx["checkpoints"]) == ckpts(tmp_path) == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
     assert idx["best"] == "ckpt_0000002.pt" and idx["latest"] == "ckpt_0000003.pt"
@@ -116,7 +117,7 @@ def test_an_empty_checksum_hides_nothing(tmp_path):
     (tmp_path / "ckpt_0000004.pt.sha256").write_text("")
     (tmp_path / "checkpoints.json").write_text("garbage")
     with pytest.raises(ValueError, match="checksum file ckpt_0000004.pt.sha256 is empty or garbled"):
-        train.load_checkpoint(tmp_path / "ckpt_0000004.pt")
+        checkpoint.load_checkpoint(tmp_path / "ckpt_0000004.pt")
     log = train_run(tmp_path, "--max_iters=5", "--init_from=resume")
     assert "resumed from" in log and "at step 2" in log and "Traceback" not in log
     assert index(tmp_path)["latest"] == "ckpt_0000005.pt"
@@ -212,7 +213,7 @@ def test_disk_full_during_a_checkpoint(small_disk):
     assert "error: disk full writing" in log and "ckpt_0000004.pt" in log and "the last good checkpoint is 2" in log
     assert "Traceback" not in log and not list((small_disk / "out").glob(".tmp-*"))
     assert ckpts(small_disk / "out") == ["ckpt_0000002.pt"] and index(small_disk / "out")["latest"] == "ckpt_0000002.pt"
-    train.load_checkpoint(small_disk / "out" / "ckpt_0000002.pt")
+    checkpoint.load_checkpoint(small_disk / "out" / "ckpt_0000002.pt")
 
 
 def test_disk_full_while_tokenizing(small_disk, tmp_path):

@@ -224,7 +224,7 @@ def test_cli_user_errors_are_one_line(trained_dir, arg, message):
 
 
 def test_cli_incompatible_checkpoint(tmp_path):
-    import train
-    train.save_checkpoint(tmp_path, 1, dict(model={"w": torch.zeros(3)}, step=1, config={"n_embd": 8}, run="x"), keep=1)
+    import checkpoint
+    checkpoint.save_checkpoint(tmp_path, 1, dict(model={"w": torch.zeros(3)}, step=1, config={"n_embd": 8}, run="x"), keep=1)
     r = sample_cli(f"--out_dir={tmp_path}")
     assert r.returncode == 2 and "not a model checkpoint of this train.py" in r.stderr

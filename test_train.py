@@ -11,16 +11,21 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import checkpoint
+import report
 import train
+from settings import parse_config
 
 HERE = Path(__file__).parent
 TINY = ["--seq_len=32", "--n_embd=32", "--n_head=2", "--n_layer=1", "--batch_size=2", "--eval_iters=1",
@@ -97,9 +102,9 @@ def test_smoke_run_and_its_first_loss_computed_apart(tmp_path):
     from data import PackedLoader
     from loss import mtp_loss_reference, mtp_targets
     from model import Model, ModelConfig
-    cfg = train.parse_config(TINY)
+    cfg = parse_config(TINY, train.DEFAULTS)
     torch.manual_seed(0)
-    model = Model(ModelConfig(**{k: cfg[k] for k in train.MODEL_FIELDS}))
+    model = Model(ModelConfig(**{k: cfg[k] for k in checkpoint.MODEL_FIELDS}))
     b = PackedLoader(None, "train", 2, 32, 0, 1, 0, "cpu", 0.01).next_batch()
     with torch.no_grad():
         hidden = model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"]).hidden
@@ -152,11 +157,12 @@ def test_ddp_equals_one_process_with_double_accumulation(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
     # FLOP/s are per device: per step of one rank, flops_per_token * tokens_per_step / world_size
     from model import Model, ModelConfig
-    cfg = train.parse_config(TINY)
-    fpt = Model(ModelConfig(**{k: cfg[k] for k in train.MODEL_FIELDS})).flops_per_token()
+    cfg = parse_config(TINY, train.DEFAULTS)
+    fpt = Model(ModelConfig(**{k: cfg[k] for k in checkpoint.MODEL_FIELDS})).flops_per_token()
     for r in (r for r in metrics(tmp_path / "two") if "loss" in r):
         real_tokens_per_step = 2 * 32 * 2 * (1 - r["pad_frac"])
-        assert r["flops_per_s"] / r["tokens_per_s"] == pytest.approx(fpt * 2 * 32 * 2 / 2 / real_tokens_per_step, rel=1e-6)
+        expected = fpt * 2 * 32 * 2 / 2 / real_tokens_per_step
+        assert r["flops_per_s"] / r["tokens_per_s"] == pytest.approx(expected, rel=1e-6)
 
 
 STARVE = """
@@ -195,6 +201,9 @@ def test_compiled_equals_eager(tmp_path):
     train_run(tmp_path / "eager", "--max_iters=3")
     train_run(tmp_path / "compiled", "--max_iters=3", "--compile=True", timeout=400)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    first, second = [r for r in metrics(tmp_path / "compiled") if "loss" in r][:2]
+    # the first compiled step's time is compiling: no rate and no ETA from it; the next step has them
+    assert first["tokens_per_s"] is None and first["eta_s"] is None and second["tokens_per_s"] > 0, (first, second)
 
 
 RESUME = ["--max_iters=8", "--grad_accum_steps=2", "--dropout=0.1", "--router_noise=0.1", "--eval_interval=4"]
@@ -293,12 +302,31 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+GRAD_NAN_AFTER_REDUCE = '''
+real_clip, calls = torch.nn.utils.clip_grad_norm_, [0]
+def clip(params, *a, **kw):  # rank 1's gradient turns NaN after DDP's all-reduce, at step 1 (bad memory, a bug)
+    params = list(params)
+    calls[0] += 1
+    if RANK == 1 and calls[0] == 2:
+        params[0].grad.fill_(float("nan"))
+    return real_clip(params, *a, **kw)
+torch.nn.utils.clip_grad_norm_ = clip
+'''
+
+
+def test_a_gradient_nan_on_one_rank_after_the_reduce_skips_everywhere(tmp_path):
+    # the loss is the same on every rank (reduced sums); only rank 1's gradient norm sees the NaN. Before the
+    # decision was shared, rank 1 alone skipped and the replicas diverged silently.
+    log = train_run(tmp_path, "--max_iters=3", nproc=2, patch=GRAD_NAN_AFTER_REDUCE)
+    assert "warning: step 1: non-finite" in log and "replicas identical: True" in log, log[-2000:]
+
+
 def test_consecutive_nans_stop_the_run(tmp_path):
     train_run(tmp_path, "--max_iters=2", "--eval_interval=1")
     log = train_run(tmp_path, "--max_iters=5", "--init_from=resume", "--max_skips=1", "--eval_interval=1",
                     ok=False, patch=nan_at(0, 0))  # the first step of the resumed process: step 2
     assert "stopping: 1 consecutive non-finite steps; the last good checkpoint is 2" in log
-    train.load_checkpoint(tmp_path / "ckpt_0000002.pt")  # intact
+    checkpoint.load_checkpoint(tmp_path / "ckpt_0000002.pt")  # intact
 
 
 POISON_WEIGHTS = """
@@ -329,7 +357,8 @@ def test_changed_model_shape_is_refused(tmp_path):
 
 
 def test_metrics_exclude_evaluation_and_eta_counts_this_process(tmp_path):
-    slow_eval = "real = train.evaluate\ndef slow(*a):\n    import time; time.sleep(1.0)\n    return real(*a)\ntrain.evaluate = slow\n"
+    slow_eval = ("real = train.evaluate\ndef slow(*a):\n    import time; time.sleep(1.0)\n    return real(*a)\n"
+                 "train.evaluate = slow\n")
     train_run(tmp_path, "--max_iters=12", "--eval_interval=4", "--log_interval=2", patch=slow_eval)
     rows = [r for r in metrics(tmp_path) if "loss" in r]
     rate = [r["tokens_per_s"] for r in rows]
@@ -339,6 +368,10 @@ def test_metrics_exclude_evaluation_and_eta_counts_this_process(tmp_path):
     train_run(tmp_path / "eta", "--max_iters=40", "--stop_after=36", "--eval_interval=100")
     train_run(tmp_path / "eta", "--max_iters=40", "--init_from=resume", "--eval_interval=100")
     rows = [r for r in metrics(tmp_path / "eta") if "loss" in r and r["step"] > 36]
+    before = [r for r in metrics(tmp_path / "eta") if "loss" in r and r["step"] <= 36]
+    resume = [r for r in metrics(tmp_path / "eta") if r.get("event") == "resume"]
+    # the run's clock continues across the resume (saved in the checkpoint), in the log and metrics.jsonl
+    assert before[-1]["elapsed_s"] <= resume[0]["elapsed_s"] <= rows[0]["elapsed_s"], (before[-1], resume, rows[0])
     per_step = (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
     # after the resume at 36, step 37 has 3 steps left: about 3 * per_step (the old way: elapsed / 37 * 3)
     assert rows[0]["eta_s"] > 0.3 * 3 * per_step, (rows[0], per_step)
@@ -346,18 +379,43 @@ def test_metrics_exclude_evaluation_and_eta_counts_this_process(tmp_path):
 
 def test_lr_schedules_end_at_the_floor():
     for sched in ("cosine", "wsd"):
-        c = train.SimpleNamespace(**dict(train.DEFAULTS, lr_schedule=sched, max_iters=100, warmup_iters=10))
+        c = SimpleNamespace(**dict(train.DEFAULTS, lr_schedule=sched, max_iters=100, warmup_iters=10))
         lrs = [train.lr_at(s, c) for s in range(100)]
         assert lrs[9] == c.learning_rate and lrs[-1] == pytest.approx(c.learning_rate * c.min_lr_ratio, rel=1e-12)
         assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warmup
-    c = train.SimpleNamespace(**dict(train.DEFAULTS, lr_schedule="wsd", max_iters=100, warmup_iters=10, decay_frac=0.2))
+    c = SimpleNamespace(**dict(train.DEFAULTS, lr_schedule="wsd", max_iters=100, warmup_iters=10, decay_frac=0.2))
     assert train.lr_at(79, c) == c.learning_rate and train.lr_at(80, c) < c.learning_rate  # stable, then 20 decay steps
 
 
+def test_head_schedule_stages_as_fractions():
+    p = train.parse_schedule
+    assert p("1,.5@0.1;1", 2, 240) == [(0, (1.0, 0.5)), (24, (1.0, 0.0))]  # the first tenth with two heads
+    assert p("1;1;1", 1, 10) == [(0, (1.0,)), (4, (1.0,)), (7, (1.0,))]  # equal shares: ceil(10/3), ceil(20/3)
+    assert p("1@0.2;1;1", 1, 10) == [(0, (1.0,)), (2, (1.0,)), (6, (1.0,))]  # the rest shared: 0.4 each
+    assert p("1,1,1,1@0.5;1@0.5", 2, 7) == [(0, (1.0, 1.0)), (4, (1.0, 0.0))]  # heads beyond n_predict dropped
+    assert [train.stage_at(s, p("1@0.2;1;1", 1, 10)) for s in range(10)] == [0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    for bad, says in (("1@0.6;1@0.6", "add up to 1.2"), ("1@0.5;1@0.4", "add up to 0.9"), ("1@0", "@ the fraction"),
+                      ("1;0,1", "head 1's > 0"), ("1@x", "'1,.5,.25@0.1;1'")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            p(bad, 2, 10)
+
+
 def test_peak_flops_match_whole_names():
-    assert train.peak_flops("NVIDIA L40S") == 362e12 and train.peak_flops("NVIDIA L4") == 121e12
-    assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert train.peak_flops("NVIDIA A10") == 125e12 and train.peak_flops("Tesla T4") is None
+    assert report.peak_flops("NVIDIA L40S") == 362e12 and report.peak_flops("NVIDIA L4") == 121e12
+    assert report.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and report.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert report.peak_flops("NVIDIA A10") == 125e12 and report.peak_flops("Tesla T4") is None
+    assert report.peak_flops("NVIDIA H100 PCIe") == 756e12 and report.peak_flops("NVIDIA H100 NVL") == 835e12
+
+
+def test_eta_in_closed_form():
+    c = SimpleNamespace(max_iters=3_000_000, eval_interval=1000, eval_iters=4)
+    stages = [(0, (1.0, 1.0)), (300_000, (1.0, 0.0))]  # the first tenth costs twice a step of the rest
+    t0 = time.perf_counter()
+    eta = report.eta_s(10, dict(train_s=20.0, steps=10), None, c, stages, [2.0, 1.0])
+    assert time.perf_counter() - t0 < 0.01  # a formula, not a walk over three million steps
+    # 299,990 steps at 2 s, 2,700,000 at 1 s (half the FLOPs), 3,000 evaluations at eval_iters = 4 steps of 2 s
+    assert eta == pytest.approx(299_990 * 2.0 + 2_700_000 * 1.0 + 3000 * 4 * 2.0)
+    assert report.eta_s(10, dict(train_s=0.0, steps=0), None, c, stages, [2.0, 1.0]) is None
 
 
 class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -406,15 +464,17 @@ def test_host_syncs_of_a_training_step(tmp_path, monkeypatch):
     from data import PackedLoader
     from loss import ModelWithLoss, count_targets, step_coefficients
     from model import ModelConfig
-    cfg = train.parse_config(base)
-    model = ModelWithLoss(Model(ModelConfig(**{k: cfg[k] for k in train.MODEL_FIELDS})))
+    cfg = parse_config(base, train.DEFAULTS)
+    model = ModelWithLoss(Model(ModelConfig(**{k: cfg[k] for k in checkpoint.MODEL_FIELDS})))
     loader = PackedLoader(None, "train", 2, 32)
     batches = [loader.next_batch() for _ in range(2)]
     coef = step_coefficients(sum(count_targets(b, 4) for b in batches), torch.ones(4, dtype=torch.float64))
-    assert count_syncs(lambda: train.forward_backward(model, batches, [0, 1, 2, 3], coef, torch.autocast("cpu", enabled=False))) == []
+    off = torch.autocast("cpu", enabled=False)
+    assert count_syncs(lambda: train.forward_backward(model, batches, [0, 1, 2, 3], coef, off)) == []
 
     def run(steps):
-        return lambda: train.main(train.parse_config(base + [f"--max_iters={steps}", f"--out_dir={tmp_path}/{steps}"]))
+        argv = base + [f"--max_iters={steps}", f"--out_dir={tmp_path}/{steps}"]
+        return lambda: train.main(parse_config(argv, train.DEFAULTS))
     extra = len(count_syncs(run(6))) - len(count_syncs(run(3)))
     assert extra == 3  # one per step: the guard's decision (finite? stop? any target?) read in one .tolist()
 
@@ -424,17 +484,18 @@ def state(step, val=None, run="r"):
 
 
 def test_save_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    train.save_checkpoint(tmp_path, 1, state(1, 1.0), keep=2)
+    checkpoint.save_checkpoint(tmp_path, 1, state(1, 1.0), keep=2)
 
     def half_then_fail(obj, f):
         f.write(b"partial bytes")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", half_then_fail)
     with pytest.raises(OSError, match="disk full writing .*ckpt_0000002.pt"):
-        train.save_checkpoint(tmp_path, 2, state(2, 0.5), keep=2)
+        checkpoint.save_checkpoint(tmp_path, 2, state(2, 0.5), keep=2)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints.json", "ckpt_0000001.pt", "ckpt_0000001.pt.sha256"]
-    path, ckpt = train.find_resume(tmp_path, "")
+    expected = ["checkpoints.json", "ckpt_0000001.pt", "ckpt_0000001.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    path, ckpt = checkpoint.find_resume(tmp_path, "")
     assert ckpt["step"] == 1
 
 
@@ -442,26 +503,26 @@ def test_save_killed_midway_keeps_the_previous_checkpoint(tmp_path):
     script = f"""
 import sys, time, torch
 sys.path.insert(0, {str(HERE)!r})
-import train
+import checkpoint
 from test_train import state
-train.save_checkpoint({str(tmp_path)!r}, 1, state(1, 1.0), keep=2)
+checkpoint.save_checkpoint({str(tmp_path)!r}, 1, state(1, 1.0), keep=2)
 def slow(obj, f):
     f.write(b"x" * 1000); f.flush(); print("writing", flush=True); time.sleep(60)
 torch.save = slow
-train.save_checkpoint({str(tmp_path)!r}, 2, state(2, 0.5), keep=2)
+checkpoint.save_checkpoint({str(tmp_path)!r}, 2, state(2, 0.5), keep=2)
 """
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
     p.kill()  # kill -9 in the middle of the write
     p.wait(timeout=30)
-    path, ckpt = train.find_resume(tmp_path, "")
+    path, ckpt = checkpoint.find_resume(tmp_path, "")
     assert ckpt["step"] == 1 and path.name == "ckpt_0000001.pt"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corruption_is_detected_and_resume_falls_back(tmp_path, damage, capsys):
-    train.save_checkpoint(tmp_path, 1, state(1, 1.0), keep=3)
-    train.save_checkpoint(tmp_path, 2, state(2, 0.5), keep=3)
+    checkpoint.save_checkpoint(tmp_path, 1, state(1, 1.0), keep=3)
+    checkpoint.save_checkpoint(tmp_path, 2, state(2, 0.5), keep=3)
     bad = tmp_path / "ckpt_0000002.pt"
     raw = bytearray(bad.read_bytes())
     if damage == "flip":
@@ -470,10 +531,10 @@ def test_corruption_is_detected_and_resume_falls_back(tmp_path, damage, capsys):
         raw = raw[:len(raw) // 2]
     bad.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="ckpt_0000002.pt: sha256 .* expected"):
-        train.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
     with pytest.raises(ValueError, match="ckpt_0000002.pt"):
-        train.find_resume(tmp_path, str(bad))  # an explicit bad path is an error, not a fallback
-    path, ckpt = train.find_resume(tmp_path, "")
+        checkpoint.find_resume(tmp_path, str(bad))  # an explicit bad path is an error, not a fallback
+    path, ckpt = checkpoint.find_resume(tmp_path, "")
     assert ckpt["step"] == 1 and "skipping checkpoint" in capsys.readouterr().err
 
 
@@ -491,22 +552,23 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "ckpt_0000001.pt"
     with open(path, "wb") as f:
         pickle.dump({"model": Evil()}, f)
-    (tmp_path / "ckpt_0000001.pt.sha256").write_text(f"{train.sha256_file(path)}  {path.name}\n")  # checksum ok
+    (tmp_path / "ckpt_0000001.pt.sha256").write_text(f"{checkpoint.sha256_file(path)}  {path.name}\n")  # checksum ok
     with pytest.raises(ValueError, match="cannot be loaded safely"):
-        train.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert not Path(SENTINEL).exists()
 
 
 def test_overrides_are_typed():
-    cfg = train.parse_config(["--n_embd=64", "--learning_rate=1", "--data=some/dir", "--compile=True", "--mtp_schedule=1"])
+    argv = ["--n_embd=64", "--learning_rate=1", "--data=some/dir", "--compile=True", "--mtp_schedule=1"]
+    cfg = parse_config(argv, train.DEFAULTS)
     assert cfg["n_embd"] == 64 and cfg["learning_rate"] == 1.0 and cfg["data"] == "some/dir" and cfg["compile"] is True
     assert cfg["mtp_schedule"] == "1"
     with pytest.raises(ValueError, match="unknown setting 'n_emb'; did you mean n_embd"):
-        train.parse_config(["--n_emb=64"])
+        parse_config(["--n_emb=64"], train.DEFAULTS)
     with pytest.raises(ValueError, match="n_embd='big' is str, expected int"):
-        train.parse_config(["--n_embd=big"])
+        parse_config(["--n_embd=big"], train.DEFAULTS)
     with pytest.raises(ValueError, match="expected --name=value"):
-        train.parse_config(["n_embd=3"])
+        parse_config(["n_embd=3"], train.DEFAULTS)
 
 
 def test_gpu_preset_parses_and_trains_on_shards(tmp_path):
@@ -515,7 +577,7 @@ def test_gpu_preset_parses_and_trains_on_shards(tmp_path):
     rng = torch.Generator().manual_seed(0)
     docs = [[EOT] + torch.randint(0, 50000, (int(n),), generator=rng).tolist() for n in torch.randint(5, 200, (300,))]
     write_shard(tmp_path / "fineweb_train_000001.bin", [t for d in docs for t in d])
-    cfg = train.parse_config(["--config=configs/gpt2_small_moe.conf"])
+    cfg = parse_config(["--config=configs/gpt2_small_moe.conf"], train.DEFAULTS)
     assert cfg["n_embd"] == 768 and cfg["seq_len"] == 1024 and cfg["data"].endswith("*.bin")
     train_run(tmp_path / "out", "--config=configs/gpt2_small_moe.conf", f"--data={tmp_path}/fineweb_train_*.bin",
               "--val_fraction=0.05", "--n_layer=1", "--n_head=2", "--n_embd=32", "--seq_len=64", "--batch_size=2",
@@ -525,7 +587,8 @@ def test_gpu_preset_parses_and_trains_on_shards(tmp_path):
 
 
 def test_head_schedule_drops_heads_and_resumes_across_stages(tmp_path):
-    args = ["--max_iters=6", "--mtp_schedule=1,1,1,1;1,.5;1", "--eval_interval=2", "--grad_accum_steps=2", "--keep_last=0"]
+    args = ["--max_iters=6", "--mtp_schedule=1,1,1,1;1,.5;1", "--eval_interval=2", "--grad_accum_steps=2",
+            "--keep_last=0"]
     log = train_run(tmp_path / "full", *args, nproc=2)
     assert "replicas identical: True" in log and "stage 3/3 of the head schedule, heads [1]" in log
     rows = {r["step"]: r for r in metrics(tmp_path / "full") if "loss" in r}
@@ -548,3 +611,26 @@ def test_head_schedule_drops_heads_and_resumes_across_stages(tmp_path):
     train_run(tmp_path / "split", *args, "--stop_after=3", nproc=2)  # stops inside stage 2
     train_run(tmp_path / "split", *args, "--init_from=resume", nproc=2)
     assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bit-exact across the boundary
+
+
+def test_ctrl_c_while_the_token_cache_builds(tmp_path):
+    # Ctrl-C during the build of the token cache: one line, exit 130, no traceback, no partial cache left. The
+    # build is slowed from outside (each batch of 64 documents waits) so that the signal lands inside it.
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(400):
+        (texts / f"doc{i:03d}.txt").write_text(f"document {i} " * 50)
+    cache = tmp_path / "cache"
+    patch = ("import time, tiktoken\nslow = tiktoken.Encoding.encode_ordinary_batch\n"
+             "tiktoken.Encoding.encode_ordinary_batch = lambda *a, **k: (time.sleep(0.5), slow(*a, **k))[1]")
+    p = launch(tmp_path / "out", f"--data={texts}", f"--cache_dir={cache}", patch=patch)
+    deadline = time.time() + 120
+    while not list(cache.glob(".tmp-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)  # the build has begun once its temporary folder exists
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    log, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, log[-3000:]
+    assert "Traceback" not in log and re.search(r"\ninterrupted while building the token cache \S+; no part of it is "
+                                                r"left behind \(the next run builds it again\)\n$", log), log[-3000:]
+    assert list(cache.iterdir()) == []
