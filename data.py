@@ -22,11 +22,15 @@ Sources: None is the Python standard library (one document per .py file). A stri
 path is that path: a folder is its text files, recursively, one document per file; a .bin file is one shard;
 a .jsonl file is one document per line's "text"; any other file is one text cut into documents at blank
 lines (`split_text`). Anything else is a glob: all matches .bin shards, or all text files (one document per
-file). Suffixes are case-insensitive. `Corpus.fingerprint` names the data itself, not its path, so a resume
+file). Suffixes are case-insensitive. A folder and a glob's `**` enter a symlinked folder once (a loop is not
+followed round again), and a file reached under two names is read once. A text file that is clearly binary
+(a NUL byte, or compressed) is skipped, and bytes that are not UTF-8 are read as U+FFFD: each with one warning
+that counts them and names the first. `Corpus.fingerprint` names the data itself, not its path, so a resume
 can refuse data that changed under the same path.
 """
 import base64
 import errno
+import fnmatch
 import glob
 import hashlib
 import json
@@ -56,10 +60,17 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".py", ".text", ".tex", ".c", ".h", ".js", ".html"}
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
-CACHE_VERSION = 2  # bump when the cache changes: old caches are then rebuilt (2: meta.json holds the fingerprint)
+# bump when the cache changes: old caches are then rebuilt (2: meta.json holds the fingerprint; 3: named by the
+# sources' contents, binary files skipped, meta.json holds that name and the count of skipped files)
+CACHE_VERSION = 3
 PACK_WINDOW = 8192  # chunks packed together; larger packs tighter, costs more per window
 DEFAULT_CACHE = Path(__file__).with_name("data_cache")
 MIN_DOC_CHARS = 2000  # a single text file is cut into documents of at least this many characters (split_text)
+# how compressed files begin (regular expressions over bytes; `\x28` is a literal byte), named in the error or
+# warning so that a user knows to decompress them
+COMPRESSED = {rb"\x1f\x8b": "gzip", rb"BZh[1-9]1AY&SY": "bzip2", rb"\xfd7zXZ\x00": "xz",
+              rb"\x28\xb5\x2f\xfd": "zstd", rb"PK\x03\x04": "zip"}
+WARN_NAMES = 3  # a warning about many files names this many of them
 
 
 @lru_cache(maxsize=None)
@@ -117,12 +128,74 @@ def read_shard(path, vocab_size=GPT2_VOCAB):
 
 # ----------------------------------------------------------------------------- text sources
 
+def _find(base, comps, hidden=False):
+    """Paths under folder `base` that match the pattern components `comps` (glob syntax; '**' is any number of
+    folders) -> list of str, only paths that exist. glob.glob(recursive=True) follows a symlinked folder at every
+    level, so a folder holding a link to itself lists each file ~40 times (until the path is too long) and two
+    such links take 2**40 steps; here '**' enters each real folder once per place in the pattern: a linked
+    folder is read, a loop is not gone round again. hidden=False: '*' and '**' skip names that start with '.'
+    unless the pattern's component does, as glob does."""
+    out, seen = [], set()
+
+    def names(d, dots):
+        try:
+            return sorted(n for n in os.listdir(d or ".") if dots or not n.startswith("."))
+        except OSError:  # not a folder, or not readable: nothing in it matches
+            return []
+
+    def walk(d, i):
+        if i == len(comps):
+            out.append(d)
+            return
+        comp, last = comps[i], i == len(comps) - 1
+        if comp == "**":
+            key = (os.path.realpath(d or "."), i)
+            if key in seen:
+                return
+            seen.add(key)
+            walk(d, i + 1)  # '**' as no folder at all
+            for name in names(d, hidden):
+                p = os.path.join(d, name)
+                if os.path.isdir(p):
+                    walk(p, i)
+                elif last:
+                    out.append(p)
+        elif glob.has_magic(comp):
+            for name in fnmatch.filter(names(d, hidden or comp.startswith(".")), comp):
+                walk(os.path.join(d, name), i + 1)
+        else:
+            walk(os.path.join(d, comp), i + 1)
+
+    walk(base, 0)
+    return [p for p in out if os.path.exists(p)]  # a dangling symlink names no data
+
+
+def _glob(pattern):
+    """glob.glob(pattern, recursive=True) with `_find`'s rule for symlinked folders."""
+    parts = pattern.split(os.sep)
+    i = next((k for k, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    base = os.sep.join(parts[:i]) or (os.sep if pattern.startswith(os.sep) else "")
+    return _find(base, [part for part in parts[i:] if part not in ("", ".")])
+
+
+def _unique(paths):
+    """Sorted, each file once: a file under two names (a symlink beside its target, a folder reached twice) would
+    be two documents, and the split could put one in training and the other in the held-out set."""
+    out, seen = [], set()
+    for p in sorted(Path(p) for p in paths):
+        real = p.resolve()
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
 def resolve_source(source):
     """-> (kind, paths). kind is 'shards', 'jsonl', 'text' (one document per file) or 'textfile' (one file cut
     into documents at blank lines). An existing path wins over a glob, so a folder named 'run[1]' is a folder."""
     if source is None:  # the Python standard library of the running interpreter
         root = Path(sysconfig.get_paths()["stdlib"])
-        paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+        paths = _unique(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
         if not paths:
             raise ValueError(f"default corpus: no .py files under {root}")
         return "text", paths
@@ -131,15 +204,16 @@ def resolve_source(source):
         raise ValueError(f"data={source!r}: expected a path, a glob of shards or text files, "
                          "or None for the default corpus")
     path = Path(source)
-    if path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if path.is_dir():  # its files at any depth, hidden ones included
+        paths = _unique(p for p in map(Path, _find(str(path), ["**", "*"], hidden=True))
+                        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not paths:
             hint = f"; shards are given as a glob, e.g. {path / '*.bin'}" if any(path.rglob("*.[bB][iI][nN]")) else ""
             raise ValueError(f"{source}: directory holds no text files (suffixes {sorted(TEXT_SUFFIXES)}){hint}")
         return "text", paths
     if path.is_file():
         return {".bin": "shards", ".jsonl": "jsonl"}.get(path.suffix.lower(), "textfile"), [path]
-    paths = sorted(Path(p) for p in glob.glob(source, recursive=True))
+    paths = _unique(_glob(source))
     if not paths:
         raise ValueError(f"{source}: " + ("no file matches this glob" if any(c in source for c in "*?[")
                                           else "no such file or directory"))
@@ -164,14 +238,28 @@ def split_text(text):
     return docs + [text[start:]]
 
 
+def _binary(raw):
+    """Why raw is clearly not text -> a few words, or None. Text never holds a NUL byte; compressed data is named
+    so that its owner knows to decompress it."""
+    for magic, name in COMPRESSED.items():
+        if re.match(magic, raw):
+            return f"{name}-compressed"
+    nul = raw.find(b"\0")
+    return None if nul < 0 else f"a NUL byte at offset {nul}"
+
+
 def _iter_texts(kind, paths):
-    """Yield the raw bytes of each document (errors name the file and line themselves)."""
+    """Yield (where, raw bytes) of each document: where is its file, or its file and line (errors name them)."""
     for path in paths:
         if kind == "text":
-            yield path.read_bytes()
+            yield path, path.read_bytes()
             continue
         if kind == "textfile":
             raw = path.read_bytes()
+            what = _binary(raw)
+            if what:  # the whole source: skipping it would leave nothing
+                raise ValueError(f"{path}: {what}, expected UTF-8 text"
+                                 + ("; decompress it first" if what.endswith("compressed") else ""))
             # surrogateescape: bad UTF-8 survives the cut byte for byte and is counted per document later
             docs = split_text(raw.decode("utf-8", "surrogateescape"))
             n = sum(1 for d in docs if d.strip())
@@ -181,7 +269,7 @@ def _iter_texts(kind, paths):
                                  f"split needs 2: give more than {MIN_DOC_CHARS} characters with a blank line "
                                  f"after the first {MIN_DOC_CHARS}, or a folder of files")
             for d in docs:
-                yield d.encode("utf-8", "surrogateescape")
+                yield path, d.encode("utf-8", "surrogateescape")
             continue
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -190,10 +278,11 @@ def _iter_texts(kind, paths):
                 try:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}: line {lineno}: expected a JSON object with a \"text\" string ({e!r})")
+                    raise ValueError(f"{path}: line {lineno}: expected a JSON object with a \"text\" string ({e!r})") \
+                        from None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}: line {lineno}: \"text\" is {type(text).__name__}, expected a string")
-                yield text.encode("utf-8", "surrogatepass")
+                yield f"{path} line {lineno}", text.encode("utf-8", "surrogatepass")
 
 
 def _alive(pid):
@@ -206,48 +295,126 @@ def _alive(pid):
     return True
 
 
-def _build_cache(kind, paths, out_dir, quiet):
-    """Build out_dir atomically: in a .tmp-<name>-<host>-<pid> folder, renamed when complete. Any failure
-    (a bad file, KeyboardInterrupt, disk full) removes that folder; one left by a build killed with kill -9
-    is removed by the next build here once its pid is gone (only on this host: pids of others mean nothing)."""
+def _sources_key(kind, paths):
+    """A hash of the sources' resolved paths and contents: the name of their token cache. Sizes and mtimes would
+    be cheaper, but an edit can keep both (a same-length fix, `cp -p`, a tool that restores mtimes) and the stale
+    cache would be read. Reading the default corpus (~1,800 files, 31 MB) for it costs a few tenths of a second."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, RANKS_SHA256, GPT2_PATTERN, kind,
+                                   [str(p.resolve()) for p in paths]]).encode())
+    for path in paths:
+        file_hash = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(2**20):
+                file_hash.update(block)
+        h.update(file_hash.digest())
+    return h.hexdigest()
+
+
+def _open_cache(out, key):
+    """Check the cache folder out against what its own meta.json promises -> (offsets, meta, None) when all holds,
+    else (None, None, what is wrong). A tokens.u16 cut short (an interrupted copy, a full disk) would otherwise
+    be read with most documents a single EOT."""
+    def bad(why):
+        return None, None, why
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except FileNotFoundError:
+        return bad("meta.json is missing")
+    except (OSError, ValueError) as e:
+        return bad(f"meta.json is unreadable: {e}")
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        return bad("meta.json names other sources or another cache version")
+    docs, tokens = meta.get("docs"), meta.get("tokens")
+    if not (type(docs) is int and type(tokens) is int and docs >= 1):
+        return bad(f"meta.json says docs={docs!r}, tokens={tokens!r}, expected integers")
+    try:
+        offsets = np.load(out / "offsets.npy")
+    except FileNotFoundError:
+        return bad("offsets.npy is missing")
+    except (OSError, ValueError, EOFError) as e:
+        return bad(f"offsets.npy is unreadable: {e}")
+    if offsets.dtype != np.int64 or offsets.shape != (docs + 1,):
+        return bad(f"offsets.npy holds {offsets.dtype} {offsets.shape}; meta.json's {docs} documents need "
+                   f"int64 ({docs + 1},)")
+    if offsets[0] != 0 or (np.diff(offsets) < 1).any():
+        return bad("offsets.npy does not rise from 0")
+    try:
+        size = (out / "tokens.u16").stat().st_size
+    except FileNotFoundError:
+        return bad("tokens.u16 is missing")
+    if size != 2 * offsets[-1]:
+        return bad(f"tokens.u16 has {size} bytes, offsets.npy says {offsets[-1]} tokens ({2 * offsets[-1]} bytes)")
+    if tokens != offsets[-1] + docs:
+        return bad(f"meta.json says {tokens} tokens, offsets.npy {offsets[-1] + docs} (trailing EOTs included)")
+    firsts = np.memmap(out / "tokens.u16", dtype=np.uint16, mode="r")[offsets[:-1]]
+    if (firsts != EOT).any():
+        return bad(f"document {int(np.argmax(firsts != EOT))} does not begin with EOT")
+    return offsets, meta, None
+
+
+def _build_cache(kind, paths, out_dir, key, quiet):
+    """Build out_dir atomically: in a .tmp-<name>-<host>-<pid> folder, renamed when complete (over a damaged
+    out_dir, which is moved aside first). Any failure (a bad file, KeyboardInterrupt, disk full) removes that
+    folder; one left by a build killed with kill -9 is removed by the next build here once its pid is gone (only
+    on this host: pids of others mean nothing). A KeyboardInterrupt comes out with a one-line message."""
     host = socket.gethostname()
-    for stale in out_dir.parent.glob(".tmp-*"):
-        m = re.fullmatch(rf"\.tmp-\w+-[0-9a-f]+-{re.escape(host)}-(\d+)", stale.name)  # host "gpu-node1" is not "node1"
+    for stale in out_dir.parent.glob(".tmp-*"):  # host "gpu-node1" is not "node1": the whole name must match
+        m = re.fullmatch(rf"\.tmp-\w+-[0-9a-f]+-{re.escape(host)}-(\d+)(?:\.old)?", stale.name)
         if m and int(m[1]) > 0 and not _alive(int(m[1])):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{host}-{os.getpid()}")
+    old = tmp.with_name(tmp.name + ".old")  # where a damaged cache goes to be removed
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        meta = _tokenize(kind, paths, tmp, quiet)
-        try:
-            os.replace(tmp, out_dir)  # atomic: an interrupted build never leaves a usable-looking cache
-        except OSError:
-            if not (out_dir / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
+        meta, warnings = _tokenize(kind, paths, tmp, key, quiet)
+        for _ in range(3):  # out_dir may be a cache that another process finished meanwhile, or a damaged one
+            try:
+                os.replace(tmp, out_dir)  # atomic: an interrupted build never leaves a usable-looking cache
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if _open_cache(out_dir, key)[2] is None:
+                shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
+                break
+            try:
+                os.replace(out_dir, old)
+            except FileNotFoundError:  # another process moved it
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            raise OSError(errno.ENOTEMPTY, f"could not replace the damaged token cache {out_dir}")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         if not quiet:
             print(file=sys.stderr)  # end the progress line
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"disk full while building the token cache {out_dir} (2 bytes per "
                                         "token); free space there or set cache_dir to another disk") from e
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: a line for the user, not a traceback of tokenizer internals
+            raise KeyboardInterrupt(f"interrupted while building the token cache {out_dir}; no part of it is "
+                                    "left behind (the next run builds it again)") from None
         raise
     if not quiet:
         print(f"\rprepared {out_dir}: {json.dumps(meta)}", file=sys.stderr)
+        for line in warnings:
+            print(line, file=sys.stderr)
 
 
-def _tokenize(kind, paths, tmp, quiet):
+def _tokenize(kind, paths, tmp, key, quiet):
     """Tokenize every document once into tmp/tokens.u16 ([EOT] + ids per document) + offsets.npy + meta.json
-    -> meta. The fingerprint hashes what the loader reads (tokens, offsets) and the file names relative to
-    their common folder, so copying the files elsewhere keeps it and adding an (even empty) file changes it."""
+    -> (meta, warning lines). The fingerprint hashes what the loader reads (tokens, offsets) and the file names
+    relative to their common folder, so copying the files elsewhere keeps it and adding an (even empty or
+    binary) file changes it."""
     enc = get_tokenizer()
     total_bytes = sum(p.stat().st_size for p in paths)
     tmp.mkdir(parents=True)
     root = os.path.commonpath([str(p.resolve().parent) for p in paths])
     fingerprint = hashlib.sha256(json.dumps([RANKS_SHA256, GPT2_PATTERN, kind, [
         os.path.relpath(p.resolve(), root) for p in paths]]).encode())
-    offsets, n_tokens, done_bytes, n_empty, n_bad_utf8, t0, last = [0], 0, 0, 0, 0, time.time(), 0.0
+    offsets, n_tokens, done_bytes, n_read, n_empty, t0, last = [0], 0, 0, 0, 0, time.time(), 0.0
+    binary, bad_utf8 = [], []  # where each such document came from
 
     def flush(texts, f):
         nonlocal n_tokens
@@ -260,12 +427,20 @@ def _tokenize(kind, paths, tmp, quiet):
 
     with open(tmp / "tokens.u16", "wb") as f:
         texts = []
-        for raw in _iter_texts(kind, paths):
+        for where, raw in _iter_texts(kind, paths):
+            n_read += 1
             done_bytes += len(raw)
+            if kind == "text":  # a file of a folder or glob: named by its path inside the corpus
+                where = os.path.relpath(where.resolve(), root)
+                what = _binary(raw)
+                if what:
+                    binary.append(f"{where} ({what})")
+                    continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
-                text, n_bad_utf8 = raw.decode("utf-8", errors="replace"), n_bad_utf8 + 1
+                text = raw.decode("utf-8", errors="replace")
+                bad_utf8.append(str(where))
             if not text.strip():
                 n_empty += 1
                 continue
@@ -283,16 +458,31 @@ def _tokenize(kind, paths, tmp, quiet):
         f.flush()
         os.fsync(f.fileno())
     if len(offsets) == 1:
-        raise ValueError(f"{paths[0] if len(paths) == 1 else paths[0].parent}: no non-empty document found")
+        raise ValueError(f"{paths[0] if len(paths) == 1 else paths[0].parent}: no non-empty document found"
+                         + (f" ({len(binary)} binary files skipped: {_names(binary)})" if binary else ""))
     offsets = np.asarray(offsets, dtype=np.int64)
     np.save(tmp / "offsets.npy", offsets)
     fingerprint.update(offsets.tobytes())
     # tokens: what the loader reads in one epoch, each document's trailing EOT included
     meta = dict(docs=len(offsets) - 1, tokens=n_tokens + len(offsets) - 1, empty_skipped=n_empty,
-                non_utf8_replaced=n_bad_utf8, megabytes=round(done_bytes / 1e6, 2),
-                seconds=round(time.time() - t0, 2), fingerprint=fingerprint.hexdigest()[:16])
+                binary_skipped=len(binary), non_utf8_replaced=len(bad_utf8), megabytes=round(done_bytes / 1e6, 2),
+                seconds=round(time.time() - t0, 2), fingerprint=fingerprint.hexdigest()[:16], key=key)
     (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
-    return meta
+    warnings = []
+    if binary:
+        warnings.append(f"warning: skipped {len(binary)} of {len(paths)} files as binary: {_names(binary)}")
+    if bad_utf8:
+        unit = "files" if kind == "text" else "documents"
+        warnings.append(f"warning: {len(bad_utf8)} of {n_read} {unit} are not valid UTF-8 (each bad byte is read "
+                        f"as U+FFFD): {_names(bad_utf8)}")
+    return meta, warnings
+
+
+def _names(items):
+    """The first WARN_NAMES of items, each once, and how many more there are."""
+    items = list(dict.fromkeys(items))  # a file cut into several documents is named once
+    more = len(items) - WARN_NAMES
+    return ", ".join(items[:WARN_NAMES]) + (f" and {more} more" if more > 0 else "")
 
 
 def _shard_fingerprint(paths):
@@ -336,18 +526,22 @@ class Corpus:
             self.summary = dict(docs=len(self.start), tokens=int(self.length.sum()), shards=len(paths),
                                 fingerprint=self.fingerprint)
             return
-        key = hashlib.sha256(json.dumps([CACHE_VERSION, RANKS_SHA256, kind, [
-            (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]]).encode()).hexdigest()
+        key = _sources_key(kind, paths)
         out = Path(cache_dir or DEFAULT_CACHE) / f"{kind}-{key[:20]}"
-        if not (out / "meta.json").is_file():
+        offsets, meta, problem = _open_cache(out, key)
+        if problem:
+            if out.exists() and not quiet:
+                print(f"warning: the token cache {out} is damaged ({problem}); rebuilding it", file=sys.stderr)
             out.parent.mkdir(parents=True, exist_ok=True)
-            _build_cache(kind, paths, out, quiet)
-        offsets = np.load(out / "offsets.npy")
+            _build_cache(kind, paths, out, key, quiet)
+            offsets, meta, problem = _open_cache(out, key)
+            if problem:  # a bug, not the user's
+                raise RuntimeError(f"token cache {out}: {problem}, right after it was built")
         self.arrays = [np.memmap(out / "tokens.u16", dtype=np.uint16, mode="r")]
         self.src = np.zeros(len(offsets) - 1, dtype=np.int64)
         self.start, self.length = offsets[:-1], np.diff(offsets) + 1  # + the next document's EOT
-        self.summary = json.loads((out / "meta.json").read_text())
-        self.fingerprint = self.summary["fingerprint"]
+        self.summary = meta
+        self.fingerprint = meta["fingerprint"]
         self.cache_path = out
 
     def tokens(self, doc, offset=0, n=None):
@@ -545,7 +739,8 @@ if __name__ == "__main__":  # python data.py: prepare the default corpus and rep
     loader = PackedLoader(batch_size=16, seq_len=1024)
     print(f"corpus: {loader.corpus.summary} ({time.time() - t0:.1f}s)")
     for T, r in packing_report().items():
-        print(f"seq_len {T}: real-token fraction packed {r['packed']:.4f}, one document chunk per row {r['padded']:.4f}")
+        print(f"seq_len {T}: real-token fraction packed {r['packed']:.4f}, "
+              f"one document chunk per row {r['padded']:.4f}")
     b = ngram_baselines(loader.corpus)
     print(f"validation next-token loss of n-gram baselines counted on the training split ({b['val_targets']} targets): "
           f"unigram {b['unigram']:.3f} nats, interpolated bigram {b['bigram']:.3f} nats")

@@ -1,11 +1,14 @@
 """Tests of data.py: the offline tokenizer, packing invariants, shards, the token cache, the loader's
 resume and world-size invariance, and every bad input named in the issue."""
 import errno
+import glob
+import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 from collections import Counter
 
@@ -47,7 +50,8 @@ def test_tokenizer_bad_file(tmp_path):
 
 def check_invariants(batch, docs, T):
     ids, mask, doc, pos = (batch[k] for k in ("input_ids", "attention_mask", "doc_ids", "position_ids"))
-    assert ids.dtype == torch.int64 and doc.dtype == torch.int32 and pos.dtype == torch.int64 and mask.dtype == torch.bool
+    assert ids.dtype == torch.int64 and doc.dtype == torch.int32
+    assert pos.dtype == torch.int64 and mask.dtype == torch.bool
     assert ids.shape[1] == T and torch.equal(mask, doc >= 0)
     for b in range(len(ids)):
         real = int(mask[b].sum())
@@ -191,7 +195,9 @@ def test_cache_rebuilt_on_change_and_never_half_written(text_dir, tmp_path, monk
         calls.append(1)
         raise KeyboardInterrupt
     monkeypatch.setattr(tiktoken.Encoding, "encode_ordinary_batch", boom)
-    with pytest.raises(KeyboardInterrupt):
+    # Ctrl-C: one line that says what became of the build (train.py prints it, not a traceback)
+    with pytest.raises(KeyboardInterrupt, match=r"^interrupted while building the token cache .*cache/text-"
+                                                r"[0-9a-f]{20}; no part of it is left behind"):
         data.Corpus(d, cache_dir=tmp_path / "cache", quiet=True)
     monkeypatch.undo()
     assert calls and not list((tmp_path / "cache").glob(".tmp-*"))
@@ -382,7 +388,8 @@ def test_stale_builds_of_dead_processes_are_removed(text_dir, tmp_path):
         p.mkdir()
         (p / "tokens.u16").write_bytes(b"\0\0")
     corpus = data.Corpus(text_dir, cache_dir=cache, quiet=True)
-    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, other.name, similar.name, corpus.cache_path.name])
+    expected = [live.name, other.name, similar.name, corpus.cache_path.name]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(expected)
 
 
 def test_failed_build_leaves_nothing_and_disk_full_is_named(text_dir, tmp_path, monkeypatch):
@@ -437,7 +444,8 @@ def test_world_size_invariance(text_dir, tmp_path):
 
 def test_epoch_covers_the_split_once_and_splits_are_disjoint(text_dir, tmp_path):
     loader = PackedLoader(text_dir, batch_size=1, seq_len=64, cache_dir=tmp_path, quiet=True, val_fraction=0.2)
-    val = PackedLoader(text_dir, split="val", batch_size=1, seq_len=64, cache_dir=tmp_path, quiet=True, val_fraction=0.2)
+    val = PackedLoader(text_dir, split="val", batch_size=1, seq_len=64, cache_dir=tmp_path, quiet=True,
+                       val_fraction=0.2)
     assert not set(loader.docs) & set(val.docs) and len(loader.docs) + len(val.docs) == 31
     c = loader.corpus
     expected = Counter(t for d in loader.docs for t in c.tokens(d).tolist())
@@ -454,3 +462,179 @@ def test_default_corpus_packs_tightly():
     for T, r in report.items():
         assert r["packed"] >= 0.99, (T, r)
         assert r["packed"] > r["padded"]
+
+
+# ----------------------------------------------------------------------------- issue 27: data that is not what it seems
+
+def write_files(root, files):
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def test_find_agrees_with_glob_where_there_is_no_symlink(tmp_path, monkeypatch):
+    # the reference: glob.glob(recursive=True) on a tree without links, hidden names and nested folders included
+    write_files(tmp_path, {n: "x" for n in ["r/1.txt", "r/.hid.txt", "r/a/2.txt", "r/a/b/3.md", "r/a/b/c/4.txt",
+                                             "r/.h/5.txt", "r/.h/x/6.txt", "r/s/7.bin", "r/s/b/8.txt"]})
+    patterns = ["r/**/*.txt", "r/**", "r/*", "r/.*", "r/**/.*", "r/*/*.txt", "**/*.md", "r/**/b/*", "r/a/**/c/*.txt",
+                "r/[a.]*/*", "r/*.txt", "r/?/b/*", "r/a/b/3.md", "r/nowhere/*"]
+    monkeypatch.chdir(tmp_path)
+    for pattern in patterns:
+        for prefix in ("", str(tmp_path) + os.sep):  # relative to the current folder, and absolute
+            expected = sorted({p.rstrip(os.sep) for p in glob.glob(prefix + pattern, recursive=True)})
+            assert sorted(data._glob(prefix + pattern)) == expected, pattern
+
+
+def test_symlinked_folders_and_files_are_read_once(tmp_path):
+    # a folder holding a link to itself, a link to its parent, a second name for a file, and a link to a folder
+    # outside: glob.glob listed each file ~40 times (the same document in training and held-out), the folder form
+    # once but without the linked folder
+    d = tmp_path / "d"
+    write_files(tmp_path, {**{f"d/doc{i}.txt": f"document number {i} " * (i + 1) for i in range(6)},
+                           "d/sub/inner.txt": "inside a sub-folder", "ext/outer.txt": "in a linked folder"})
+    (d / "self").symlink_to(".")
+    (d / "sub" / "up").symlink_to("..")
+    (d / "again.txt").symlink_to("doc0.txt")
+    (d / "ext").symlink_to(tmp_path / "ext")
+    (d / "gone.txt").symlink_to("nowhere.txt")  # dangling: no data
+    real = sorted(str(p.resolve()) for p in [*(d / f"doc{i}.txt" for i in range(6)), d / "sub/inner.txt",
+                                             tmp_path / "ext/outer.txt"])
+    c = dict(cache_dir=tmp_path / "c", quiet=True)
+    fingerprints = set()
+    for source in (d, str(d / "**" / "*.txt"), str(tmp_path / "d" / "**" / "*.*")):
+        kind, paths = data.resolve_source(source)
+        assert kind == "text" and sorted(str(p.resolve()) for p in paths) == real, source
+        corpus = data.Corpus(source, **c)
+        docs = [tuple(corpus.tokens(i).tolist()) for i in range(corpus.summary["docs"])]
+        assert len(docs) == len(set(docs)) == 8
+        fingerprints.add(corpus.fingerprint)
+    assert len(fingerprints) == 1  # the folder and its globs are the same data
+
+
+def test_glob_over_two_symlink_loops_finishes(tmp_path):
+    # two links to the folder itself: glob.glob walks 2**40 paths (hours); each real folder once is instant
+    write_files(tmp_path, {"d/a.txt": "one", "d/b.txt": "two"})
+    (tmp_path / "d" / "loop1").symlink_to(".")
+    (tmp_path / "d" / "loop2").symlink_to(".")
+
+    def too_slow(signum, frame):
+        raise TimeoutError("a glob over two symlink loops took more than 20 s")
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        paths = data.resolve_source(str(tmp_path / "d" / "**" / "*.txt"))[1]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [p.name for p in paths] == ["a.txt", "b.txt"]
+
+
+def test_fingerprint_of_unchanged_data_is_stable(tmp_path):
+    # the value that cache version 2 gave these files: checkpoints record it and a resume compares it, so a new
+    # cache version must keep it (it hashes the file names inside the folder and the tokens, not the folder)
+    write_files(tmp_path, {"src/a.txt": "def f(x):\n    return x + 1\n",
+                           "src/b.md": "# Title\n\nSome text, naïve café.\n", "src/sub/c.py": "print('hi')\n"})
+    c = dict(cache_dir=tmp_path / "c", quiet=True)
+    assert data.Corpus(tmp_path / "src", **c).fingerprint == "c02c7ccdd5322cff"
+    assert data.Corpus(str(tmp_path / "src" / "**" / "*.*"), **c).fingerprint == "c02c7ccdd5322cff"
+
+
+def damage_truncated(cache):
+    p = cache / "tokens.u16"
+    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+def damage_garbled_offsets(cache):
+    (cache / "offsets.npy").write_bytes(b"not numpy")
+
+
+def damage_other_offsets(cache):
+    offsets = np.load(cache / "offsets.npy")
+    np.save(cache / "offsets.npy", offsets[:-5])  # a valid file that no longer matches meta.json
+
+
+@pytest.mark.parametrize("damage, why", [
+    (damage_truncated, r"tokens.u16 has \d+ bytes, offsets.npy says \d+ tokens"),
+    (lambda c: (c / "offsets.npy").unlink(), "offsets.npy is missing"),
+    (lambda c: (c / "tokens.u16").unlink(), "tokens.u16 is missing"),
+    (lambda c: (c / "meta.json").unlink(), "meta.json is missing"),
+    (lambda c: (c / "meta.json").write_text('{"docs": 3'), "meta.json is unreadable"),
+    (damage_garbled_offsets, "offsets.npy is unreadable"),
+    (damage_other_offsets, r"offsets.npy holds int64 \(27,\); meta.json's 31 documents need int64 \(32,\)"),
+])
+def test_damaged_cache_is_rebuilt_with_one_warning(text_dir, tmp_path, capsys, damage, why):
+    good = data.Corpus(text_dir, cache_dir=tmp_path, quiet=True)
+    expected = [good.tokens(i).tolist() for i in range(31)]
+    del good  # its memory maps of the files about to be damaged
+    capsys.readouterr()
+    damage(next(tmp_path.glob("text-*")))
+    again = data.Corpus(text_dir, cache_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert [again.tokens(i).tolist() for i in range(again.summary["docs"])] == expected
+    assert err.count("is damaged") == 1
+    assert re.search(rf"warning: the token cache {re.escape(str(again.cache_path))} is damaged \({why}.*\); "
+                     "rebuilding it", err)
+    assert again.fingerprint == data.Corpus(text_dir, cache_dir=tmp_path / "fresh", quiet=True).fingerprint
+    data.Corpus(text_dir, cache_dir=tmp_path)  # now whole: used as it is, without a word
+    assert "is damaged" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", again.cache_path.name]  # nothing else left
+
+
+def test_edit_that_keeps_size_and_mtime_is_seen(text_dir, tmp_path):
+    d = tmp_path / "src"
+    shutil.copytree(text_dir, d)
+    before = data.Corpus(d, cache_dir=tmp_path / "c", quiet=True)
+    p = d / "doc05.txt"
+    stat, text = p.stat(), p.read_text()
+    edited = text[::-1]  # the same characters, so the same size
+    assert edited != text and len(edited.encode()) == stat.st_size
+    p.write_text(edited)
+    os.utime(p, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (p.stat().st_size, p.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = data.Corpus(d, cache_dir=tmp_path / "c", quiet=True)
+    assert after.tokens(5).tolist() == [EOT] + get_tokenizer().encode_ordinary(edited) + [EOT]
+    assert after.fingerprint != before.fingerprint and after.cache_path != before.cache_path
+    # a file touched (mtime only) is the same data: its cache is reused, not rebuilt
+    os.utime(p, (1e9, 1e9))
+    assert data.Corpus(d, cache_dir=tmp_path / "c", quiet=True).cache_path == after.cache_path
+
+
+def test_binary_and_non_utf8_files_get_one_warning_each(tmp_path, capsys):
+    text = "a plain text file about alpha and beta\n" * 20
+    files = {f"good{i}.txt": f"{i}: {text}" for i in range(5)}
+    files.update({"latin1.txt": "caf\xe9 au lait".encode("latin-1"), "cp1252.md": "\u201cquoted\u201d".encode("cp1252"),
+                  "a_image.txt": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "b_notes.txt": gzip.compress(text.encode()),
+                  "c_blob.md": b"text, then a NUL\x00 byte", "d_packed.txt": b"PK\x03\x04zipped"})
+    write_files(tmp_path / "d", files)
+    corpus = data.Corpus(tmp_path / "d", cache_dir=tmp_path / "c")
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: skipped 4 of 11 files as binary: a_image.txt (a NUL byte at offset 8), "
+        "b_notes.txt (gzip-compressed), c_blob.md (a NUL byte at offset 16) and 1 more",
+        "warning: 2 of 11 files are not valid UTF-8 (each bad byte is read as U+FFFD): cp1252.md, latin1.txt"]
+    assert corpus.summary["docs"] == 7 and corpus.summary["binary_skipped"] == 4
+    enc = get_tokenizer()
+    assert sorted(corpus.tokens(i).tolist() for i in range(7)) == sorted(
+        [EOT] + enc.encode_ordinary(t) + [EOT] for t in [files[f"good{i}.txt"] for i in range(5)]
+        + ["caf\ufffd au lait", "\ufffdquoted\ufffd"])
+    # JSON lines: a lone surrogate is no UTF-8 either, named by its line
+    p = tmp_path / "docs.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "bad \\ud800 half"}\n{"text": "fine too"}\n')
+    data.Corpus(p, cache_dir=tmp_path / "c")
+    assert f"warning: 1 of 3 documents are not valid UTF-8 (each bad byte is read as U+FFFD): {p} line 2" \
+        in capsys.readouterr().err
+    # only binary files: an error that says why the folder holds no document
+    write_files(tmp_path / "bin", {"x.txt": b"\x00\x01", "y.txt": gzip.compress(b"hello")})
+    with pytest.raises(ValueError, match=r"no non-empty document found \(2 binary files skipped: x.txt \(a NUL"):
+        data.Corpus(tmp_path / "bin", cache_dir=tmp_path / "c", quiet=True)
+
+
+@pytest.mark.parametrize("name, content, why", [
+    ("book.txt.gz", gzip.compress(b"a long text\n\n" * 500), r"gzip-compressed, expected UTF-8 text; decompress it"),
+    ("book.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"x" * 5000, r"a NUL byte at offset 8, expected UTF-8 text$"),
+], ids=["gzip", "png"])
+def test_single_binary_file_is_an_error(tmp_path, name, content, why):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"{name}: {why}"):
+        data.Corpus(tmp_path / name, cache_dir=tmp_path / "c", quiet=True)
