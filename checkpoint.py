@@ -4,10 +4,18 @@ A checkpoint is one torch.save file `ckpt_{step:07d}.pt` with a sha256 sidecar `
 written atomically (a temporary file, fsync, rename), loaded only after its checksum matches and only with
 `weights_only=True` (tensors and plain containers: no code runs while loading).
 
-An out_dir belongs to one run (README, "Checkpoints and faults"): `claim_out_dir` takes an exclusive lock for
-the life of the process; a scratch run refuses a folder holding checkpoints, and a resume refuses one holding
-another run's or newer checkpoints, unless overwrite is asked; pruning removes only this run's older
-checkpoints, never the newest or the best. `checkpoints.json` (the index) is a cache of what is on disk.
+An out_dir belongs to one run (README, "Checkpoints and faults"): `claim_out_dir` locks the folder itself for the
+life of the process (deleting `train.lock` does not undo it); a scratch run refuses a folder holding checkpoints,
+and a resume refuses one holding another run's or newer checkpoints, unless overwrite is asked; a claim that
+refuses leaves nothing it made behind. Pruning removes only this run's older checkpoints, never the newest or
+the best.
+
+`checkpoints.json` (the index) is a cache of what is on disk: it nominates (which files are this run's, which is
+best), the file decides. Before a file is deleted, renamed or called best, its name must be a checkpoint's name
+inside out_dir, its sha256 must match, and its own step, run id and val_nt_loss (read from the file, with
+mmap=True so the tensors stay on disk) replace what the index said; a val_nt_loss that is not a finite number
+is stored as null and is never best. So a saving run hashes the few files it acts on (with keep_last=2: the
+newest kept, the one to delete, the best), never every file of the folder.
 
 Everything here reads plain arguments and acts in this process: the collectives around it (rank 0 acts, the
 others learn the outcome) are train.py's.
@@ -15,7 +23,10 @@ others learn the outcome) are train.py's.
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
+import math
+import numbers
 import os
 import pickle
 import random
@@ -33,6 +44,7 @@ import torch
 from model import Model, ModelConfig
 
 MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
+LOCK_NOTE = "this file is the lock of a running train.py; it is released when the process ends; do not delete it"
 
 
 def sha256_file(path):
@@ -69,8 +81,30 @@ def write_atomic(path, write, before_rename=None):
         os.close(fd)
 
 
+def step_of(name):
+    """The step a checkpoint's file name states, or None for any name save_checkpoint does not write (a path,
+    `../x`, `ckpt_5.pt`): only such names are ever deleted or renamed. Seven digits or more: a run of ten
+    million steps or more writes eight."""
+    m = re.fullmatch(r"ckpt_(\d{7,})\.pt", name)
+    return int(m.group(1)) if m and name == f"ckpt_{int(m.group(1)):07d}.pt" else None
+
+
+def checkpoint_files(out):
+    """The files of out named like checkpoints, by step (not by name: ckpt_10000000.pt sorts before ckpt_9999999.pt)."""
+    return sorted((p for p in Path(out).glob("ckpt_*.pt") if step_of(p.name) is not None and p.is_file()),
+                  key=lambda p: step_of(p.name))
+
+
+def finite_loss(v):
+    """A val_nt_loss as the index stores it: a finite float, or None (absent, NaN, inf, a string, a bool)."""
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
 def verify_checkpoint(path):
-    """Raise ValueError naming the file if it is missing, truncated or corrupted (sha256 mismatch)."""
+    """Raise ValueError naming the file if it is missing, truncated or corrupted (sha256 mismatch). The hex digest
+    compares case-insensitively (another tool may write it in upper case)."""
     path = Path(path)
     side = path.with_suffix(".pt.sha256")
     if not path.is_file():
@@ -78,15 +112,19 @@ def verify_checkpoint(path):
     if not side.is_file():
         raise ValueError(f"checkpoint {path}: no checksum file {side.name}; refusing an unverified checkpoint")
     words = side.read_text(errors="replace").split()
-    if not words or not re.fullmatch(r"[0-9a-f]{64}", words[0]):
+    if not words or not re.fullmatch(r"[0-9a-fA-F]{64}", words[0]):
         raise ValueError(f"checkpoint {path}: checksum file {side.name} is empty or garbled; refusing it")
     actual = sha256_file(path)
-    if words[0] != actual:
+    if words[0].lower() != actual:
         raise ValueError(f"checkpoint {path}: sha256 {actual}, expected {words[0]} (truncated or corrupted)")
 
 
 def load_checkpoint(path, mmap=False):
     verify_checkpoint(path)
+    return load_unverified(path, mmap)
+
+
+def load_unverified(path, mmap=False):
     try:  # weights_only: tensors and plain containers only, no code can run while loading
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:  # not MemoryError, OSError
@@ -94,66 +132,123 @@ def load_checkpoint(path, mmap=False):
 
 
 def set_aside(path, why):
-    """A checkpoint that fails verification leaves the index and the ckpt_* names, kept for inspection."""
-    for p in (path, path.with_suffix(".pt.sha256")):
-        if p.exists():
-            os.replace(p, p.with_name(p.name + ".damaged"))
-    print(f"warning: {why}; renamed to {path.name}.damaged", file=sys.stderr)
+    """A checkpoint that fails verification leaves the index and the ckpt_* names, kept for inspection: renamed
+    `*.damaged` (`*.2.damaged`, ... beside an earlier one of the same name), never deleted."""
+    pair = [p for p in (path, path.with_suffix(".pt.sha256")) if p.exists()]
+    if not pair:
+        return
+    tag = next(t for t in (".damaged" if i == 1 else f".{i}.damaged" for i in itertools.count(1))
+               if not any(p.with_name(p.name + t).exists() for p in pair))
+    for p in pair:
+        os.replace(p, p.with_name(p.name + tag))
+    print(f"warning: {why}; renamed to {path.name}{tag}", file=sys.stderr)
+
+
+def index_entry(name, e):
+    """One entry of checkpoints.json as this module writes it, or ValueError: the index is then not trusted."""
+    step = step_of(name)
+    if step is None or not isinstance(e, dict) or type(e.get("step")) is not int or e["step"] != step \
+            or not isinstance(e.get("run"), str):
+        raise ValueError(f"entry {name!r}")
+    val = e.get("val_nt_loss")
+    if val is not None and finite_loss(val) is None:  # NaN, a string: written by hand or by an older train.py
+        raise ValueError(f"entry {name!r}: val_nt_loss {val!r}")
+    return dict(step=step, run=e["run"], val_nt_loss=finite_loss(val))
+
+
+def confirm(out, entries, name, confirmed):
+    """Let the file `name` decide its entry: sha256, then its own step, run id and val_nt_loss (loaded with mmap,
+    the tensors stay on disk) replace what entries said. A damaged file, or one whose own step is not its name's,
+    is set aside and leaves entries. Each name is confirmed once per `confirmed` set."""
+    confirmed.add(name)
+    path = Path(out) / name
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+        step = ckpt.get("step") if isinstance(ckpt, dict) else None
+        if type(step) is not int or step != step_of(name):
+            raise ValueError(f"checkpoint {path}: holds step {step!r}, its name says {step_of(name)}")
+        entries[name] = dict(step=step, run=str(ckpt.get("run", "")), val_nt_loss=finite_loss(ckpt.get("val_nt_loss")))
+    except ValueError as e:
+        entries.pop(name, None)
+        set_aside(path, e)
 
 
 def read_index(out):
-    """checkpoints.json: {file: {step, run, val_nt_loss}} of the good checkpoints of out. A cache of what is on
-    disk: entries whose file is gone are dropped, files it does not list are verified and added (or set aside),
-    and a garbled index is rebuilt from the verified files (said once)."""
+    """checkpoints.json: {file: {step, run, val_nt_loss}} of the good checkpoints of out, as a cache. Entries
+    whose file is gone are dropped, files it does not list are confirmed and added (or set aside), and an index
+    that is garbled or holds an entry this module would not write (a name that is not a checkpoint's, a
+    val_nt_loss that is not a finite number) is rebuilt from the confirmed files, said once."""
     out, note = Path(out), None
     try:
-        entries = json.loads((out / "checkpoints.json").read_text())["checkpoints"]
-        assert all(isinstance(e["step"], int) and isinstance(e["run"], str) for e in entries.values())
+        raw = json.loads((out / "checkpoints.json").read_text())["checkpoints"]
+        entries = {name: index_entry(name, e) for name, e in raw.items()}
     except FileNotFoundError:
         entries = {}
-    except (ValueError, KeyError, TypeError, AttributeError, AssertionError, OSError):
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):  # a bad entry: ValueError from index_entry
         entries, note = {}, f"note: {out / 'checkpoints.json'} is damaged; rebuilding it from the verified checkpoints"
     entries = {name: e for name, e in entries.items() if (out / name).is_file()}
-    for path in sorted(out.glob("ckpt_*.pt")):
+    confirmed = set()
+    for path in checkpoint_files(out):
         if path.name not in entries:
-            try:
-                ckpt = load_checkpoint(path, mmap=True)
-                entries[path.name] = dict(step=int(ckpt["step"]), run=str(ckpt.get("run", "")),
-                                          val_nt_loss=ckpt.get("val_nt_loss"))
-            except (ValueError, KeyError, TypeError) as e:
-                set_aside(path, e)
+            confirm(out, entries, path.name, confirmed)
     if note:
         print(note, file=sys.stderr)
     return entries
 
 
-def write_index(out, entries):
-    best = min((n for n, e in entries.items() if e.get("val_nt_loss") is not None), default=None,
-               key=lambda n: entries[n]["val_nt_loss"])
+def by_loss(entries, names):
+    """The name of the lowest finite val_nt_loss among names (the older on a tie), or None."""
+    return min((n for n in names if entries[n]["val_nt_loss"] is not None), default=None,
+               key=lambda n: (entries[n]["val_nt_loss"], entries[n]["step"]))
+
+
+def write_index(out, entries, confirmed=None):
+    """Write checkpoints.json; its `best` is confirmed by the file first (the next best if that one fails).
+    Always strict JSON: a non-finite number cannot get in (finite_loss stored null)."""
+    confirmed = set() if confirmed is None else confirmed
+    while (best := by_loss(entries, entries)) is not None and best not in confirmed:
+        confirm(out, entries, best, confirmed)
     latest = max(entries, default=None, key=lambda n: entries[n]["step"])
     index = dict(latest=latest, best=best, checkpoints=entries)
-    write_atomic(Path(out) / "checkpoints.json", lambda f: f.write(json.dumps(index, indent=1).encode()))
+    text = json.dumps(index, indent=1, allow_nan=False)
+    write_atomic(Path(out) / "checkpoints.json", lambda f: f.write(text.encode()))
+
+
+def prune_plan(out, entries, run, keep, confirmed):
+    """Names of this run's checkpoints to delete: all but the newest `keep` (0: none deleted) and the best. The
+    index nominates, the files decide: every file the decision rests on (the kept newest, the best, each to be
+    deleted) is confirmed first, so a damaged one frees its slot (set aside, never deleted) and another run's
+    file under one of our names is not ours. Confirmation may change entries: plan again until it holds."""
+    if keep <= 0:
+        return []
+    while True:
+        mine = sorted((n for n, e in entries.items() if e["run"] == run), key=lambda n: entries[n]["step"])
+        best = by_loss(entries, mine)
+        doomed = [n for n in mine[:-keep] if n != best]
+        pending = [n for n in [*mine[-keep:], best, *doomed] if n and n not in confirmed] if doomed else []
+        if not pending:
+            return doomed
+        for name in pending:
+            confirm(out, entries, name, confirmed)
 
 
 def save_checkpoint(out, step, state, keep):
     """Write ckpt_{step}.pt and its .sha256, index it, then prune this run's older checkpoints to the newest
-    `keep` (0: all) plus the best by val_nt_loss. Never removes a file the index does not vouch for."""
-    out, run = Path(out), state["run"]
+    `keep` (0: all) plus the best by val_nt_loss (prune_plan: each confirmed by the file itself)."""
+    out, run = Path(out), str(state["run"])
     path = out / f"ckpt_{step:07d}.pt"
+    entries = read_index(out)  # before writing: the new file needs no confirmation, it is hashed as it is written
 
     def checksum(tmp):  # the sidecar first: a file named ckpt_* always has one (a kill between: an orphan sidecar)
         digest = sha256_file(tmp)
         write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
     write_atomic(path, lambda f: torch.save(state, f), before_rename=checksum)
-    entries = read_index(out)
-    entries[path.name] = dict(step=step, run=run, val_nt_loss=state.get("val_nt_loss"))
-    mine = sorted((n for n, e in entries.items() if e["run"] == run), key=lambda n: entries[n]["step"])
-    best = min((n for n in mine if entries[n]["val_nt_loss"] is not None), default=None,
-               key=lambda n: entries[n]["val_nt_loss"])
-    doomed = [n for n in mine[:-keep] if n not in (best, path.name)] if keep > 0 else []
+    entries[path.name] = dict(step=step, run=run, val_nt_loss=finite_loss(state.get("val_nt_loss")))
+    confirmed = {path.name}
+    doomed = prune_plan(out, entries, run, keep, confirmed)
     for name in doomed:
         del entries[name]
-    write_index(out, entries)  # before deleting: the index never names a missing file
+    write_index(out, entries, confirmed)  # before deleting: the index never names a missing file
     for name in doomed:
         (out / name).unlink(missing_ok=True)
         (out / name).with_suffix(".pt.sha256").unlink(missing_ok=True)
@@ -164,7 +259,7 @@ def find_resume(out, explicit):
     """An explicit path must be good; otherwise the newest good checkpoint of out, saying which were bad."""
     if explicit:
         return Path(explicit), load_checkpoint(explicit)
-    for path in sorted(Path(out).glob("ckpt_*.pt"), reverse=True):
+    for path in reversed(checkpoint_files(out)):
         try:
             return path, load_checkpoint(path)
         except ValueError as e:
@@ -172,61 +267,141 @@ def find_resume(out, explicit):
     raise ValueError(f"no good checkpoint in {out}")
 
 
-def lock_out_dir(out, run):
-    """An exclusive lock on out_dir for the life of this process (released by the OS when it ends)."""
-    fd = os.open(out / "train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+HELD = {}  # fd returned by claim_out_dir -> what the claim holds and made (for release_out_dir)
+
+
+def lock_out_dir(out):
+    """Exclusive locks for the life of this process (the OS releases them when it ends) -> dict of what is held.
+
+    The lock that matters is a flock on the folder itself: deleting train.lock (a "stale lock" reflex) does not
+    undo it. train.lock is locked too (a train.py of before this change locks only that file) and says who holds
+    the folder. A filesystem that refuses a lock on a folder (NFS allows an exclusive flock only on a file open
+    for writing) leaves train.lock alone guarding it, said once."""
+    def refuse(lock_fd):
+        try:
+            text = (out / "train.lock").read_text(errors="replace")
+            holder = next((ln for ln in text.splitlines() if ln.startswith("run ")), text.strip()[:400])
+        except OSError:
+            holder = ""
+        holder = holder or "another train.py (its train.lock was deleted)"
+        for fd in (lock_fd, held["dir_fd"]):
+            if fd is not None:
+                os.close(fd)
+        raise ValueError(f"out_dir {out} is in use by {holder}; wait for it, or use another out_dir") from None
+
+    held = dict(dir_fd=os.open(out, os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        fcntl.flock(held["dir_fd"], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        refuse(None)
+    except OSError as e:
+        os.close(held.pop("dir_fd"))
+        held["dir_fd"] = None
+        print(f"warning: cannot lock the folder {out} itself here ({e.strerror}): train.lock alone guards it, "
+              "do not delete it while a run is using this folder", file=sys.stderr)
+    lock = out / "train.lock"
+    held["created"] = not lock.exists()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ValueError(f"out_dir {out} is in use by {holder}; wait for it, or use another out_dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"run {run}, pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
-    return fd
+        refuse(fd)
+    held["file_fd"] = fd
+    return held
+
+
+def release_out_dir(fd):
+    """Undo a claim whose run then failed to start (a user error found after claim_out_dir): unlock, and remove
+    train.lock and the folders the claim created, as long as nothing else was written there."""
+    held = HELD.pop(fd, None)
+    if held is not None:
+        undo_claim(held)
+
+
+def undo_claim(held):
+    for f in (held["file_fd"], held["dir_fd"]):
+        if f is not None:
+            os.close(f)
+    if held["created"]:
+        (held["out"] / "train.lock").unlink(missing_ok=True)
+    for d in held["new_dirs"]:  # the deepest first; a folder is removed only if empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def claim_out_dir(out_dir, init_from, resume_path, overwrite, run):
     """Rank 0, before anything is written: lock out_dir and apply the rules that keep checkpoints safe.
-    -> (lock fd, path of the checkpoint to resume or None, that checkpoint loaded or None)."""
+    -> (lock fd, path of the checkpoint to resume or None, that checkpoint loaded or None).
+
+    A claim that refuses leaves nothing it made: no new folder, no train.lock, no index (a damaged checkpoint
+    it met is still set aside). train.lock names the run id the run logs under: the resumed checkpoint's when
+    resuming, else `run`."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir={out_dir!r} is a file, expected a folder")
+    if init_from == "resume" and not resume_path and not out.is_dir():
+        raise ValueError(f"out_dir={out_dir!r}: no such folder; init_from=resume continues from the checkpoints "
+                         "in out_dir (a typo?)")
+    new_dirs = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
-    fd = lock_out_dir(out, run)
+    held = dict(out=out, new_dirs=new_dirs, created=False, file_fd=None, dir_fd=None)
+    try:
+        held.update(lock_out_dir(out))
+        resume, ckpt = claim_rules(out, init_from, resume_path, overwrite)
+    except BaseException:  # a refusal (or Ctrl-C) leaves nothing this claim made
+        undo_claim(held)
+        raise
+    logged = str(ckpt.get("run", run)) if ckpt else run  # what train.py logs under (train.claim)
+    text = f"{LOCK_NOTE}\nrun {logged}, pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n"
+    os.ftruncate(held["file_fd"], 0)
+    os.pwrite(held["file_fd"], text.encode(), 0)
+    fd = held["dir_fd"] if held["dir_fd"] is not None else held["file_fd"]
+    HELD[fd] = held
+    return fd, resume, ckpt
+
+
+def claim_rules(out, init_from, resume_path, overwrite):
+    """The rules of an out_dir, applied under its lock -> (resume path or None, that checkpoint or None)."""
     for tmp in out.glob(".tmp-*"):  # left by a save killed midway (kill -9): nobody else writes here now
         if tmp.is_file():
             tmp.unlink()
-    entries, files = read_index(out), sorted(out.glob("ckpt_*.pt"))
+    had_index = (out / "checkpoints.json").exists()
+    entries, confirmed = read_index(out), set()
     if init_from == "scratch":
-        doomed, why = files, "holds checkpoints of an earlier run"
+        doomed, why = [p.name for p in checkpoint_files(out)], "holds checkpoints of an earlier run"
         resume, ckpt = None, None
     else:
         resume, ckpt = find_resume(out, resume_path)
         mine, step = str(ckpt.get("run", "")), int(ckpt["step"])
+        if (out / resume.name).resolve() == resume.resolve():  # the file resumed from never stands in the way
+            confirmed.add(resume.name)
+            if step_of(resume.name) == step:  # verified as it was loaded: its entry is what it says
+                entries[resume.name] = dict(step=step, run=mine, val_nt_loss=finite_loss(ckpt.get("val_nt_loss")))
+        in_way = lambda n: n in entries and (entries[n]["run"] != mine or entries[n]["step"] > step)  # noqa: E731
         doomed, why = [], f"holds checkpoints of another run or newer than {resume.name} (step {step})"
-        for name, e in list(entries.items()):
-            if (e["run"] != mine or e["step"] > step) and (out / name).resolve() != resume.resolve():
-                try:  # only a good checkpoint stands in the way; a damaged one leaves the index
-                    verify_checkpoint(out / name)
-                    doomed.append(out / name)
-                except ValueError as err:
-                    set_aside(out / name, err)
-                    del entries[name]
-    write_index(out, entries)  # the index as the disk is now (damaged files set aside)
+        for name in [n for n in entries if in_way(n) and n not in confirmed]:
+            confirm(out, entries, name, confirmed)  # only a good checkpoint, by its own run and step, stands in the way
+            if in_way(name):
+                doomed.append(name)
     if doomed and not overwrite:
-        raise ValueError(f"out_dir {out} {why} ({', '.join(p.name for p in doomed[:4])}"
-                         f"{', ...' if len(doomed) > 4 else ''}): this run would overwrite them. "
-                         "Use another out_dir, or --overwrite=True to replace them")
+        raise ValueError(f"out_dir {out} {why} ({', '.join(doomed[:4])}{', ...' if len(doomed) > 4 else ''}): "
+                         "this run would overwrite them. Use another out_dir, or --overwrite=True to replace them")
+    for name in doomed:
+        if name not in confirmed:
+            confirm(out, entries, name, confirmed)  # a damaged one is set aside, not deleted
+    doomed = [n for n in doomed if n in entries]
+    for name in doomed:
+        del entries[name]
+    if entries or had_index:
+        write_index(out, entries, confirmed)  # before deleting: the index never names a missing file
+    for name in doomed:
+        (out / name).unlink(missing_ok=True)
+        (out / name).with_suffix(".pt.sha256").unlink(missing_ok=True)
     if doomed:
-        for p in doomed:
-            entries.pop(p.name, None)
-        write_index(out, entries)  # before deleting: the index never names a missing file
-        for p in doomed:
-            p.unlink(missing_ok=True)
-            p.with_suffix(".pt.sha256").unlink(missing_ok=True)
         print(f"overwrite: removed {len(doomed)} checkpoint(s) from {out}", file=sys.stderr)
-    return fd, resume, ckpt
+    return resume, ckpt
 
 
 def rng_state():

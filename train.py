@@ -357,6 +357,7 @@ def prepare(c):
     """Everything a user can get wrong, in this order: settings, device, out_dir, data, checkpoint. A ValueError
     raised here is the user's (UserError); past this point a ValueError is a bug and keeps its traceback.
     -> (env, loader, raw_model, fwd, opt, checkpoint or None)"""
+    env, started = None, False
     try:
         env = setup(c)
         ckpt = claim(c, env)
@@ -372,8 +373,12 @@ def prepare(c):
         raw_model, fwd, opt = build(c, env)
         if ckpt:
             restore(ckpt, raw_model, opt, loader, c, env)
+        started = True
     except ValueError as e:
         raise UserError(str(e)) from None
+    finally:
+        if not started and getattr(env, "lock", None) is not None:  # a failed start leaves nothing its claim made
+            checkpoint.release_out_dir(env.lock)
     return env, loader, raw_model, fwd, opt, ckpt
 
 
