@@ -34,17 +34,26 @@ def load_run(folder):
     path = folder if folder.name == "metrics.jsonl" else folder / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no such file (is {path.parent} the out_dir of a train.py run?)")
-    records = []
-    for i, line in enumerate(path.read_bytes().splitlines(), 1):
+    raw = path.read_bytes()
+    lines, records, bad = raw.splitlines(), [], []
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)  # accepts the NaN / Infinity that json.dumps writes for a diverged step
         except ValueError:
             rec = None
-        if not isinstance(rec, dict):
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad.append((i, line, len(records)))
+    for i, line, before in bad:  # a line cut by a kill is followed by the resumed run's event; a last line
+        cut = (i == len(lines) and not raw.endswith(b"\n")) or any("event" in r for r in records[before:])
+        if not cut:  # without its newline is being written: both are skipped, anything else is an error
             raise ValueError(f"{path}:{i}: not a JSON object: {line[:80].decode(errors='replace')!r}")
-        records.append(rec)
+    if bad:
+        print(f"note: {path}: skipped {len(bad)} line(s) cut short by a stopped or running write "
+              f"(line {', '.join(str(i) for i, _, _ in bad[:3])})", file=sys.stderr)
     # A file written before runs had ids is one run; after one, lines without an id belong to an older run.
     run_id = next((r["run"] for r in reversed(records) if r.get("run") is not None), None)
     records = [r for r in records if run_id is None or r.get("run") == run_id]

@@ -154,3 +154,17 @@ def test_user_errors(tmp_path, capsys, lines, expected):
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_lines_cut_by_a_kill_or_a_running_write_are_skipped(tmp_path, capsys):
+    done = [json.dumps(r) for r in DONE]
+    # a run killed mid-write, then resumed (train.py starts its next record on a new line), then being written
+    cut = done[:7] + ['{"run": "b", "step": 40, "lo'] + done[7:] + ['{"run": "b", "step": 50, "loss_h1": 3.']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(cut))  # no newline at the end: a write in progress
+    run = plot.load_run(tmp_path)
+    assert column(run["train"], "step") == [10, 20, 30, 40] and column(run["evals"], "step") == [20, 40]
+    assert "skipped 2 line(s)" in capsys.readouterr().err
+    # the same garbage with nothing after it that explains it (no resume, a newline): refused, with its line
+    (tmp_path / "metrics.jsonl").write_text("\n".join(done[:7] + ['{"run": "b", "step": 40, "lo']) + "\n")
+    with pytest.raises(ValueError, match="metrics.jsonl:8: not a JSON object"):
+        plot.load_run(tmp_path)

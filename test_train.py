@@ -634,3 +634,19 @@ def test_ctrl_c_while_the_token_cache_builds(tmp_path):
     assert "Traceback" not in log and re.search(r"\ninterrupted while building the token cache \S+; no part of it is "
                                                 r"left behind \(the next run builds it again\)\n$", log), log[-3000:]
     assert list(cache.iterdir()) == []
+
+
+def test_metrics_after_a_cut_line_and_on_a_full_disk(tmp_path):
+    train_run(tmp_path / "cut", "--max_iters=2")
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"run": "x", "step": 3, "lo')  # a write cut by a kill -9
+    train_run(tmp_path / "cut", "--max_iters=3", "--init_from=resume")
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    cut = [i for i, line in enumerate(lines) if line.startswith('{"run": "x"')]
+    assert len(cut) == 1 and lines[cut[0]] == '{"run": "x", "step": 3, "lo', lines  # alone on its line
+    assert json.loads(lines[cut[0] + 1])["event"] == "resume"  # the resume is a record of its own
+    # a full disk while writing metrics.jsonl: one line naming the file, exit 1
+    (tmp_path / "full").mkdir()
+    os.symlink("/dev/full", tmp_path / "full" / "metrics.jsonl")
+    log = train_run(tmp_path / "full", "--max_iters=2", ok=False, code=1)
+    assert re.search(r"error: No space left on device writing \S+metrics.jsonl", log) and "Traceback" not in log, log
