@@ -114,7 +114,10 @@ def draw(runs):
     def line(ax, recs, key, x="step", **kw):
         xs = [num(r.get(x)) / (60 if x == "elapsed_s" else 1) for r in recs]
         ys = [num(r.get(key)) for r in recs]
-        if any(not math.isnan(x + y) for x, y in zip(xs, ys)):  # a key absent from this file: no series
+        finite = sum(not math.isnan(x + y) for x, y in zip(xs, ys))
+        if finite == 1 and kw.get("marker") is None:  # a lone point of a line draws nothing: mark it
+            kw = dict(kw, marker="o", ms=4)
+        if finite:  # a key absent from this file: no series, and no legend entry
             ax.plot(xs, ys, **kw)
 
     for i, run in enumerate(runs):

@@ -127,6 +127,12 @@ def test_two_folders_one_figure(tmp_path):
     assert [line.get_label() for line in a_lr.get_lines()] == [str(a), str(b)]
     assert [line.get_label() for line in a_tpf.get_lines()] == [str(a)]  # b has no acceptance: skipped
     assert len(a_loss.get_lines()) == 3 + 3 + 1 + 1  # a: 3 heads + 3 held-out, b: 1 head; a's resume line
+    # a run with a single logged step: a line of one point draws nothing, so it is marked, never a legend entry
+    # for an invisible series
+    c = write(tmp_path / "c", [dict(step=1, loss_h1=5.0, lr=1e-3)])
+    a_lr = plot.draw([plot.load_run(a), plot.load_run(c)]).axes[2]
+    lone = [line for line in a_lr.get_lines() if line.get_label() == str(c)]
+    assert len(lone) == 1 and lone[0].get_marker() not in (None, "None", "", " ")
 
 
 def test_without_matplotlib(tmp_path):
