@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import muon
 import train
 from loss import CHUNK_ELEMS, ModelWithLoss, count_targets, mtp_loss, step_coefficients
 from model import (
@@ -71,32 +72,39 @@ def matmul_peak():
     return out
 
 
-def train_step_bench(cfg, compiled, loader, heads=None, reps=REPS):
+def train_step_bench(cfg, compiled, loader, heads=None, reps=REPS, optimizer="adamw"):
     torch.manual_seed(0)
     model = Model(cfg).to(DEV)
     if compiled:
         model.compile_blocks()
     fwd, heads = ModelWithLoss(model), list(range(cfg.n_predict) if heads is None else heads)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    d = train.DEFAULTS
+    opt = muon.build_optimizer(model, optimizer, 1e-4, d["weight_decay"], (d["beta1"], d["beta2"]))
     batches = [{k: v.to(DEV) for k, v in loader.next_batch().items()} for _ in range(3)]
     ac = torch.autocast("cuda", torch.bfloat16) if DEV.type == "cuda" else nullcontext()
     head_w, i = torch.ones(len(heads), dtype=torch.float64, device=DEV), [0]
 
-    def step():  # train.py's step on one rank, one micro-batch
+    def forward_backward():
         b = batches[i[0] % 3]
         i[0] += 1
         coef = step_coefficients(count_targets(b, cfg.n_predict)[heads].to(DEV), head_w)
         train.forward_backward(fwd, [b], heads, coef, ac)
+
+    def step():  # train.py's step on one rank, one micro-batch
+        forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     step()  # the first step (compiles when compiled); eager, it is also the warm-up
     first = time.perf_counter() - t0
     sec = timed(step, warmup=int(compiled), reps=reps)
+    forward_backward()  # gradients in place: the optimizer's step alone, timed on them
+    opt_s = timed(opt.step, warmup=0, reps=reps)
+    opt.zero_grad(set_to_none=True)
     real = sum(int(b["attention_mask"].sum()) for b in batches) / 3
     fpt = model.flops_per_token(n_heads=len(heads))
     return dict(seconds=sec, first_step_s=first, real_tokens_per_s=real / sec,
-                flops_per_s=fpt * BATCH * cfg.seq_len / sec)
+                flops_per_s=fpt * BATCH * cfg.seq_len / sec, optimizer_s=opt_s, optimizer_share=opt_s / sec)
 
 
 LOSS_CHILD = r"""
@@ -226,14 +234,15 @@ def measure():
     res["matmul_flops_per_s"] = peak = matmul_peak()
     cfg = ModelConfig()  # the model of `python train.py`
     loader = data.PackedLoader(batch_size=BATCH, seq_len=cfg.seq_len, quiet=True)
-    cases = [("default", cfg, False, None, REPS), ("default_1_head", cfg, False, [0], REPS),
-             ("default_compiled", cfg, True, None, 2),
-             ("larger", ModelConfig(n_embd=256, n_layer=4, n_head=8), False, None, 2)]
+    larger = ModelConfig(n_embd=256, n_layer=4, n_head=8)
+    cases = [("default", cfg, False, None, REPS, "adamw"), ("default_1_head", cfg, False, [0], REPS, "adamw"),
+             ("default_muon", cfg, False, None, REPS, "muon"), ("default_compiled", cfg, True, None, 2, "adamw"),
+             ("larger", larger, False, None, 2, "adamw"), ("larger_muon", larger, False, None, 2, "muon")]
     res["train_step"] = {}
-    for name, c, compiled, heads, reps in cases:
+    for name, c, compiled, heads, reps, optimizer in cases:
         if QUICK and compiled:
             continue
-        r = train_step_bench(c, compiled, loader, heads, reps)
+        r = train_step_bench(c, compiled, loader, heads, reps, optimizer)
         r["utilization_vs_fp32_matmul"] = r["flops_per_s"] / peak["float32"]
         if "bfloat16" in peak:
             r["utilization_vs_bf16_matmul"] = r["flops_per_s"] / peak["bfloat16"]
@@ -255,10 +264,11 @@ def report(res):
         return
     print(f"device: {res['device']}, torch {res['torch']}; float32 matmul {peak['float32'] / 1e9:.0f} GFLOP/s"
           + (f", bf16 matmul {peak['bfloat16'] / 1e12:.0f} TFLOP/s" if "bfloat16" in peak else ""))
-    print("\ntraining step (forward, loss, backward, AdamW)   real tok/s   GFLOP/s   vs matmul   first step")
+    print("\ntraining step (forward, loss, backward, optimizer)  real tok/s  GFLOP/s  vs matmul  first step  optimizer")
     for k, r in res["train_step"].items():
         print(f"  {k:45s} {r['real_tokens_per_s']:10.0f} {r['flops_per_s'] / 1e9:9.1f} "
-              f"{100 * r['utilization_vs_fp32_matmul']:9.1f}%  {r['first_step_s']:8.1f}s")
+              f"{100 * r['utilization_vs_fp32_matmul']:9.1f}%  {r['first_step_s']:8.1f}s  "
+              f"{100 * r['optimizer_share']:7.1f}%")
     ts = res["train_step"]
     print(f"  4 heads / 1 head, time per step: {ts['default']['seconds'] / ts['default_1_head']['seconds']:.2f}x")
     if "default_compiled" in ts:

@@ -25,15 +25,14 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-def eta_s(step, interval, last_eval_s, c, stages, stage_flops):
+def eta_s(step, interval, last_eval_s, c, stages, stage_flops, now):
     """Steps left at the last interval's seconds per step (a step of another stage of the head schedule priced by
     its FLOPs against this one's), plus evaluations left at the last one's time (before the first, eval_iters
     steps' time: an evaluation runs eval_iters global batches forward only). None before a step was timed."""
     if not interval["steps"]:
         return None
     sec_per_step = interval["train_s"] / interval["steps"]
-    ends = [start for start, _ in stages[1:]] + [c.max_iters]
-    now = max(i for i, (start, _) in enumerate(stages) if start <= step - 1 or i == 0)  # the stage just timed
+    ends = [start for start, _ in stages[1:]] + [c.max_iters]  # now: the stage of the steps just timed
     steps_left = sum(max(0, end - max(step, start)) * f / stage_flops[now]
                      for (start, _), end, f in zip(stages, ends, stage_flops))
     # evaluations at steps step..max_iters (this step's comes after its log line), the last one at max_iters

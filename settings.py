@@ -1,4 +1,4 @@
-"""settings.py: `--name=value` overrides and `--config=FILE` files over typed defaults, and the device.
+"""settings.py: `--name=value` overrides and `--config=FILE` files over typed defaults, the device, the head schedule.
 
 nanoGPT's configurator in spirit (a script's defaults, overridden from the command line or a file of
 `name = value` lines), but nothing is exec'd: a value is a Python literal (or a bare word, read as a string)
@@ -8,6 +8,7 @@ train.py, model.ModelConfig, sample.py's DEFAULTS); this module only reads overr
 import ast
 import difflib
 import io
+import itertools
 import math
 import re
 import tokenize
@@ -124,3 +125,35 @@ def check_attention_memory(batch_size, seq_len, n_head, device, backend):
         raise ValueError(f"seq_len={seq_len} with batch_size={batch_size} needs {need / 2**30:.1f} GiB for the "
                          f"dense attention mask and scores, and {device} has {have / 2**30:.1f} GiB available: "
                          "lower seq_len or batch_size")
+
+
+def parse_schedule(text, n_predict, max_iters):
+    """mtp_schedule -> [(first step, (w_1, .., w_n_predict))] per stage. A stage is `w1,w2,..` or `w1,w2,..@f`
+    (it lasts the fraction f of max_iters); stages without a fraction share what the others leave equally.
+    Heads not listed get weight 0; weights of heads beyond n_predict are dropped (main() says so)."""
+    stages, fracs = [], []
+    for stage in text.split(";"):
+        weights, _, frac = stage.partition("@")
+        try:
+            w = [float(x) for x in weights.split(",")]
+            f = float(frac) if frac else None
+        except ValueError:
+            w, f = [], None
+        if not w or not all(math.isfinite(x) and x >= 0 for x in w) or w[0] <= 0 or (f is not None and not 0 < f <= 1):
+            raise ValueError(f"mtp_schedule={text!r}: stage {stage!r}, expected comma-separated head weights >= 0, "
+                             f"head 1's > 0, optionally @ the fraction of the run in (0, 1] "
+                             f"(e.g. '1,.5,.25@0.1;1': three heads for the first 10%, then head 1 alone)")
+        stages.append((tuple(w) + (0.0,) * n_predict)[:n_predict])
+        fracs.append(f)
+    given, free = sum(f for f in fracs if f is not None), fracs.count(None)
+    if given > 1 + 1e-9 or (not free and abs(given - 1) > 1e-9):
+        raise ValueError(f"mtp_schedule={text!r}: the stages' fractions add up to {given:g}, expected "
+                         f"{'at most ' if free else ''}1")
+    fracs = [f if f is not None else (1 - given) / free for f in fracs]
+    ends = list(itertools.accumulate(fracs))
+    starts = [0] + [math.ceil(round(e * max_iters, 6)) for e in ends[:-1]]  # stage i+1 starts at ceil(F_i * max_iters)
+    return list(zip(starts, stages))
+
+
+def stage_at(step, stages):
+    return max(i for i, (start, _) in enumerate(stages) if start <= step or i == 0)

@@ -65,3 +65,25 @@ def test_fsdp_faults_behave_as_under_ddp(tmp_path):
     a = torch.load(tmp_path / "ref" / "ckpt_0000001.pt", weights_only=True)
     b = torch.load(tmp_path / "nan" / "ckpt_0000002.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the step was skipped on both ranks
+
+
+def test_muon_is_exact_under_ddp_fsdp_and_resume(tmp_path):
+    """--optimizer=muon keeps the guarantees of AdamW: 2 ranks equal 1 process with twice the accumulation
+    (float64, Newton-Schulz in float64), FSDP2 equals DDP per step (float32, 1e-5: the sharded matrices are
+    gathered and orthogonalized whole), a resume is bit-exact, and a resume with another optimizer is refused."""
+    muon = ["--optimizer=muon", "--max_iters=3", "--eval_interval=3"]
+    f64 = muon + ["--dtype=float64", "--aux_loss_coef=0", "--z_loss_coef=0"]
+    train_run(tmp_path / "one", *f64, "--grad_accum_steps=2")
+    train_run(tmp_path / "two", *f64, nproc=2)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-9)
+    train_run(tmp_path / "ddp", *muon, "--grad_accum_steps=2", nproc=2)
+    log = train_run(tmp_path / "fsdp", *muon, "--grad_accum_steps=2", FSDP, nproc=2)
+    assert "replicas identical: True" in log
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5, abs=0)
+    resume = muon[:1] + ["--max_iters=6", "--eval_interval=3"]
+    train_run(tmp_path / "full", *resume)
+    train_run(tmp_path / "split", *resume, "--stop_after=3")
+    train_run(tmp_path / "split", *resume, "--init_from=resume")
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")  # identical floats
+    log = train_run(tmp_path / "split", "--max_iters=9", "--init_from=resume", ok=False, code=2)  # AdamW now
+    assert "optimizer: 'muon' -> 'adamw'" in log, log[-2000:]

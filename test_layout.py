@@ -9,8 +9,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 PROJECT = {p.stem for p in HERE.glob("*.py") if not p.stem.startswith("test_")}
 LIBRARIES = {"data": set(), "model": set(), "loss": set(), "settings": set(), "report": set(),
-             "checkpoint": {"model"}}  # what each library may import of the project
-PRODUCTION = ["data", "model", "loss", "settings", "report", "checkpoint", "train", "sample", "plot"]
+             "checkpoint": {"model"}, "muon": {"model"}}  # what each library may import of the project
+PRODUCTION = ["data", "model", "loss", "settings", "report", "checkpoint", "muon", "train", "sample", "plot"]
 
 
 def project_imports(path):

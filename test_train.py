@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import report
+import settings
 import train
 from settings import parse_config
 
@@ -388,12 +389,12 @@ def test_lr_schedules_end_at_the_floor():
 
 
 def test_head_schedule_stages_as_fractions():
-    p = train.parse_schedule
+    p = settings.parse_schedule
     assert p("1,.5@0.1;1", 2, 240) == [(0, (1.0, 0.5)), (24, (1.0, 0.0))]  # the first tenth with two heads
     assert p("1;1;1", 1, 10) == [(0, (1.0,)), (4, (1.0,)), (7, (1.0,))]  # equal shares: ceil(10/3), ceil(20/3)
     assert p("1@0.2;1;1", 1, 10) == [(0, (1.0,)), (2, (1.0,)), (6, (1.0,))]  # the rest shared: 0.4 each
     assert p("1,1,1,1@0.5;1@0.5", 2, 7) == [(0, (1.0, 1.0)), (4, (1.0, 0.0))]  # heads beyond n_predict dropped
-    assert [train.stage_at(s, p("1@0.2;1;1", 1, 10)) for s in range(10)] == [0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert [settings.stage_at(s, p("1@0.2;1;1", 1, 10)) for s in range(10)] == [0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     for bad, says in (("1@0.6;1@0.6", "add up to 1.2"), ("1@0.5;1@0.4", "add up to 0.9"), ("1@0", "@ the fraction"),
                       ("1;0,1", "head 1's > 0"), ("1@x", "'1,.5,.25@0.1;1'")):
         with pytest.raises(ValueError, match=re.escape(says)):
@@ -411,11 +412,11 @@ def test_eta_in_closed_form():
     c = SimpleNamespace(max_iters=3_000_000, eval_interval=1000, eval_iters=4)
     stages = [(0, (1.0, 1.0)), (300_000, (1.0, 0.0))]  # the first tenth costs twice a step of the rest
     t0 = time.perf_counter()
-    eta = report.eta_s(10, dict(train_s=20.0, steps=10), None, c, stages, [2.0, 1.0])
+    eta = report.eta_s(10, dict(train_s=20.0, steps=10), None, c, stages, [2.0, 1.0], 0)
     assert time.perf_counter() - t0 < 0.01  # a formula, not a walk over three million steps
     # 299,990 steps at 2 s, 2,700,000 at 1 s (half the FLOPs), 3,000 evaluations at eval_iters = 4 steps of 2 s
     assert eta == pytest.approx(299_990 * 2.0 + 2_700_000 * 1.0 + 3000 * 4 * 2.0)
-    assert report.eta_s(10, dict(train_s=0.0, steps=0), None, c, stages, [2.0, 1.0]) is None
+    assert report.eta_s(10, dict(train_s=0.0, steps=0), None, c, stages, [2.0, 1.0], 0) is None
 
 
 class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):

@@ -39,11 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import checkpoint
+import muon
 from data import GPT2_VOCAB, PackedLoader
 from loss import ModelWithLoss, count_targets, head_agreement, mtp_targets, objective, step_coefficients
 from model import Model, ModelConfig
 from report import Metrics, announce, eta_s, eval_record, memory_report, peak_flops, per_head, train_record
-from settings import check_attention_memory, parse_config, resolve_device
+from settings import check_attention_memory, parse_config, parse_schedule, resolve_device, stage_at
 
 # ----------------------------------------------------------------------------- hyperparameters
 # The model's shape: every field of model.ModelConfig is a setting too (--n_embd=256, --n_predict=1); its
@@ -58,9 +59,10 @@ cache_dir = ""  # token cache folder for text sources; "" means data_cache/ besi
 # "What the extra heads buy": at this size the heads cost next-token loss; this keeps the drafters)
 mtp_schedule = "1,.5,.25,.125@0.1;1"
 # optimizer
-learning_rate = 3e-3  # peak learning rate
+optimizer = "adamw"  # "adamw", or "muon": Muon for the weight matrices (each expert its own), AdamW for the rest
+learning_rate = 3e-3  # peak learning rate (Muon's updates are scaled to AdamW's size: the same value serves both)
 min_lr_ratio = 0.1  # the schedule's floor, as a fraction of learning_rate
-weight_decay = 0.1  # AdamW decay, on matrices only
+weight_decay = 0.1  # decoupled decay, on matrices only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = off
@@ -94,7 +96,7 @@ fsdp = False  # under torchrun: FSDP2 (shard parameters, gradients, optimizer st
 DEFAULTS = {**{k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
                and isinstance(v, (int, float, bool, str, type(None)))}, **asdict(ModelConfig())}
 # What must match to resume: the model's shape, and what fixes the data stream and per-rank RNG.
-RESUME_MUST_MATCH = checkpoint.MODEL_FIELDS + ["data_fingerprint", "val_fraction", "seed", "world_size"]
+RESUME_MUST_MATCH = checkpoint.MODEL_FIELDS + ["data_fingerprint", "val_fraction", "seed", "world_size", "optimizer"]
 
 
 class UserError(Exception):
@@ -131,7 +133,7 @@ def main(cfg):
             stage, model, heads, head_w = enter_stage(step, stage_at(step, stages), stage, fwd, c, env)
         lr = lr_at(step, c)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_ratio"]
 
         # 1. the step's batches, and N_k over the whole step (all micro-batches, all ranks) before any forward
         batches = [loader.next_batch() for _ in range(c.grad_accum_steps)]
@@ -181,7 +183,7 @@ def main(cfg):
             if env.device.type == "cuda":
                 torch.cuda.synchronize()  # queued work belongs to this interval, not the next
                 interval["train_s"] += time.time() - t_end
-            eta = eta_s(step, interval, eval_s, c, stages, stage_flops)
+            eta = eta_s(step, interval, eval_s, c, stages, stage_flops, stage)
             metrics.emit(*train_record(step, stage, s, loss, grad_norm, lr, heads, interval,
                                        time.time() - t_start, eta, c, peak, tokens_per_step))
             interval.update(train_s=0.0, steps=0, tokens=0.0, flops=0.0)
@@ -222,38 +224,6 @@ def lr_at(step, c):
         return c.learning_rate - (c.learning_rate - floor) * min(frac, 1.0)
     frac = (step + 1 - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters)
     return floor + 0.5 * (c.learning_rate - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-
-def parse_schedule(text, n_predict, max_iters):
-    """mtp_schedule -> [(first step, (w_1, .., w_n_predict))] per stage. A stage is `w1,w2,..` or `w1,w2,..@f`
-    (it lasts the fraction f of max_iters); stages without a fraction share what the others leave equally.
-    Heads not listed get weight 0; weights of heads beyond n_predict are dropped (main() says so)."""
-    stages, fracs = [], []
-    for stage in text.split(";"):
-        weights, _, frac = stage.partition("@")
-        try:
-            w = [float(x) for x in weights.split(",")]
-            f = float(frac) if frac else None
-        except ValueError:
-            w, f = [], None
-        if not w or not all(math.isfinite(x) and x >= 0 for x in w) or w[0] <= 0 or (f is not None and not 0 < f <= 1):
-            raise ValueError(f"mtp_schedule={text!r}: stage {stage!r}, expected comma-separated head weights >= 0, "
-                             f"head 1's > 0, optionally @ the fraction of the run in (0, 1] "
-                             f"(e.g. '1,.5,.25@0.1;1': three heads for the first 10%, then head 1 alone)")
-        stages.append((tuple(w) + (0.0,) * n_predict)[:n_predict])
-        fracs.append(f)
-    given, free = sum(f for f in fracs if f is not None), fracs.count(None)
-    if given > 1 + 1e-9 or (not free and abs(given - 1) > 1e-9):
-        raise ValueError(f"mtp_schedule={text!r}: the stages' fractions add up to {given:g}, expected "
-                         f"{'at most ' if free else ''}1")
-    fracs = [f if f is not None else (1 - given) / free for f in fracs]
-    ends = np.cumsum(fracs)
-    starts = [0] + [math.ceil(round(e * max_iters, 6)) for e in ends[:-1]]  # stage i+1 starts at ceil(F_i * max_iters)
-    return list(zip(starts, stages))
-
-
-def stage_at(step, stages):
-    return max(i for i, (start, _) in enumerate(stages) if start <= step or i == 0)
 
 
 def enter_stage(step, stage, old, fwd, c, env):
@@ -403,7 +373,8 @@ def check_config(c):
         need(0 <= getattr(c, k) <= 1, k, f"0 <= {k} <= 1")
     for k in ("beta1", "beta2"):
         need(0 <= getattr(c, k) < 1, k, f"0 <= {k} < 1")
-    choices = dict(lr_schedule=("cosine", "wsd"), init_from=("scratch", "resume"), dtype=("auto", "float32", "float64"))
+    choices = dict(lr_schedule=("cosine", "wsd"), init_from=("scratch", "resume"), dtype=("auto", "float32", "float64"),
+                   optimizer=("adamw", "muon"))
     for k, allowed in choices.items():
         need(getattr(c, k) in allowed, k, f"one of {', '.join(map(repr, allowed))}")
     if c.resume_path and c.init_from != "resume":
@@ -482,8 +453,8 @@ def claim(c, env):
 
 
 def build(c, env):
-    """The model (the same initial weights on every rank; blocks compiled; FSDP-sharded when asked), the module
-    a step calls (model and loss: loss.ModelWithLoss) and AdamW, built after sharding -> (raw_model, fwd, opt)."""
+    """The model (the same initial weights on every rank; blocks compiled; FSDP-sharded when asked), the module a
+    step calls (model and loss: loss.ModelWithLoss) and the optimizer, built after sharding -> (raw_model, fwd, opt)."""
     torch.manual_seed(c.seed)
     raw_model = Model(ModelConfig(**{k: getattr(c, k) for k in checkpoint.MODEL_FIELDS}))
     raw_model.to(env.device, torch.float64 if c.dtype == "float64" else torch.float32)
@@ -496,10 +467,8 @@ def build(c, env):
         for block in list(raw_model.blocks) + list(raw_model.heads):
             fully_shard(block)  # each block its own unit; the root (embedding, norm, unembedding) last
         fully_shard(fwd)
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=True)  # fused: no host sync
+    opt = muon.build_optimizer(raw_model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
+                               ns_dtype="float64" if c.dtype == "float64" else "bfloat16")  # fused AdamW: no host sync
     return raw_model, fwd, opt
 
 
@@ -525,7 +494,8 @@ def run_facts(c, env):
 def restore(ckpt, raw_model, opt, loader, c, env):
     """Refuse a checkpoint of another shape, data or seed (the differing fields named), then load it."""
     # a model field the checkpoint predates has the default, which keeps the behaviour of before it existed
-    old, new, path = {**asdict(ModelConfig()), **ckpt["config"]}, run_facts(c, env), env.resume_path
+    old = {"optimizer": "adamw", **asdict(ModelConfig()), **ckpt["config"]}
+    new, path = run_facts(c, env), env.resume_path
     allowed = {"world_size"} if c.allow_world_size_change else set()
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_MUST_MATCH
             if k not in allowed and old.get(k) != new.get(k)]
