@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,7 @@ def measure():
     cases = [("default", cfg, False, None, REPS, "adamw"), ("default_1_head", cfg, False, [0], REPS, "adamw"),
              ("default_muon", cfg, False, None, REPS, "muon"), ("default_compiled", cfg, True, None, 2, "adamw"),
              ("larger", larger, False, None, 2, "adamw"), ("larger_muon", larger, False, None, 2, "muon")]
+    cases += [(f"default_{s}", replace(cfg, mtp_style=s), False, None, REPS, "adamw") for s in ("sequential", "shared")]
     res["train_step"] = {}
     for name, c, compiled, heads, reps, optimizer in cases:
         if QUICK and compiled:
@@ -271,6 +273,10 @@ def report(res):
               f"{100 * r['optimizer_share']:7.1f}%")
     ts = res["train_step"]
     print(f"  4 heads / 1 head, time per step: {ts['default']['seconds'] / ts['default_1_head']['seconds']:.2f}x")
+    for s in ("sequential", "shared"):
+        if f"default_{s}" in ts:
+            print(f"  {s} (4 heads) / 1 head, time per step: "
+                  f"{ts[f'default_{s}']['seconds'] / ts['default_1_head']['seconds']:.2f}x")
     if "default_compiled" in ts:
         print(f"  compiled / eager speed: {ts['default']['seconds'] / ts['default_compiled']['seconds']:.2f}x")
     print("\npacking, real-token fraction (default corpus, one epoch)   packed   one document chunk per row")

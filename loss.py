@@ -12,6 +12,11 @@ Liger-Kernel's fused linear cross-entropy), keeping grad_hidden and one grad_wei
 grad_weight when the caller says beforehand by how much it will weigh each head (`grad_scale`), as the
 training step can, since its coefficients w_k * world_size / N_k are known before the forward.
 
+Shared logits (modded-nanogpt's multi-token prediction without extra parameters): the model gives one state,
+and head k scores the same logits against token t + k. The chunked loss then computes one matmul and one
+softmax per row for all K heads and gathers K target logits; with grad_scale, a row's logit gradient is
+sum_k c_k (softmax - onehot_k) over the heads k with a target there, so a step costs one unembedding whatever K.
+
 Precision: the chunk matmuls run in the autocast dtype when autocast is on (bf16 on CUDA: they are half
 the training FLOPs of the GPT-2-sized preset), else in the inputs' dtype; their outputs are upcast (a bf16
 matmul's logits are rounded to bf16 first), and the softmax, the sums and the weight-gradient accumulation
@@ -56,96 +61,130 @@ def _matmul_dtype(t):
 
 class _ChunkedLinearCE(torch.autograd.Function):
     """sums[k] = sum over valid rows of cross_entropy(h[k] @ w.T, targets[k]); gradients made in forward.
-    With need_grad False (evaluation) it also returns each row's argmax (the head's greedy token)."""
+    h may hold one state for all K targets (shared logits): h[0] is then scored against every targets[k] with one
+    matmul and one softmax per chunk whatever K, and, given scale_K, one gradient per row: sum over the targets k
+    valid there of scale_k * (softmax - onehot_k). With need_grad False (evaluation) it also returns each state's
+    argmax per row (the head's greedy token), (S, N) for S states."""
 
     @staticmethod
-    def forward(ctx, h_KND, w_VD, tgt_KN, chunk_rows, need_grad, scale_K):
-        K, N, D = h_KND.shape
-        acc = torch.promote_types(h_KND.dtype, torch.float32)  # softmax, sums, accumulation
-        mm = _matmul_dtype(h_KND)  # the matmuls: autocast's dtype, decided here, not by autocast's op lists
+    def forward(ctx, h_SND, w_VD, tgt_KN, chunk_rows, need_grad, scale_K):
+        S, N, D = h_SND.shape
+        K = tgt_KN.shape[0]
+        shared = S == 1 and K > 1
+        combined = shared and scale_K is not None  # one gradient row for all K targets: grad_h has one state
+        acc = torch.promote_types(h_SND.dtype, torch.float32)  # softmax, sums, accumulation
+        mm = _matmul_dtype(h_SND)  # the matmuls: autocast's dtype, decided here, not by autocast's op lists
         need_w = need_grad and w_VD.requires_grad
         w = w_VD.to(mm)
-        sums_K = torch.zeros(K, dtype=acc, device=h_KND.device)
-        preds_KN = None if need_grad else torch.empty(K, N, dtype=torch.long, device=h_KND.device)
-        grad_h = torch.empty_like(h_KND) if need_grad else None
+        sums_K = torch.zeros(K, dtype=acc, device=h_SND.device)
+        preds_SN = None if need_grad else torch.empty(S, N, dtype=torch.long, device=h_SND.device)
+        # the gradient of each (state, target) pair's sum: K of them, or one when the targets share their state
+        # and their weights are known
+        grad_h = h_SND.new_empty(1 if combined else K, N, D) if need_grad else None
         # one weight gradient per head, or their sum weighted by scale_K (then the backward checks that the
         # incoming gradient is proportional to scale_K)
         n_w = 0 if not need_w else (1 if scale_K is not None else K)
         grad_w = torch.zeros(n_w, *w_VD.shape, dtype=acc, device=w_VD.device)
-        with torch.autocast(h_KND.device.type, enabled=False):
-            for k in range(K):
-                for s in range(0, N, chunk_rows):
-                    h_CD, t_C = h_KND[k, s:s + chunk_rows].to(mm), tgt_KN[k, s:s + chunk_rows]
+        with torch.autocast(h_SND.device.type, enabled=False):
+            for s in range(S):
+                ks = range(K) if shared else range(s, s + 1)  # the targets scored against state s
+                for r in range(0, N, chunk_rows):
+                    h_CD, t_KC = h_SND[s, r:r + chunk_rows].to(mm), tgt_KN[ks.start:ks.stop, r:r + chunk_rows]
                     logits_CV = (h_CD @ w.t()).to(acc)
-                    if preds_KN is not None:
-                        preds_KN[k, s:s + chunk_rows] = logits_CV.argmax(-1)
-                    valid_C = t_C != IGNORE
-                    t_safe = torch.where(valid_C, t_C, 0)[:, None]
-                    target_logit_C = logits_CV.gather(1, t_safe)[:, 0]
+                    if preds_SN is not None:
+                        preds_SN[s, r:r + chunk_rows] = logits_CV.argmax(-1)
+                    valid_KC = t_KC != IGNORE
+                    t_safe_CK = torch.where(valid_KC, t_KC, 0).t()
+                    target_logit_KC = logits_CV.gather(1, t_safe_CK).t()
                     # one softmax, in place, with few passes over the (C, V) chunk: it is memory-bound
                     max_C = logits_CV.amax(dim=-1, keepdim=True)
                     probs_CV = logits_CV.sub_(max_C).exp_()
                     sum_C = probs_CV.sum(dim=-1, keepdim=True)
                     lse_C = (max_C + sum_C.log())[:, 0]
-                    sums_K[k] += ((lse_C - target_logit_C) * valid_C).sum()
+                    sums_K[ks.start:ks.stop] += ((lse_C - target_logit_KC) * valid_KC).sum(1)
                     if not need_grad:
                         continue
-                    # d(CE)/d(logits) = softmax - onehot(target); ignored rows are zeroed on the (C, D) side
+                    # d(CE)/d(logits) = softmax - onehot(target)
                     g_CV = probs_CV.div_(sum_C)
-                    g_CV.scatter_add_(1, t_safe, torch.full_like(t_safe, -1, dtype=g_CV.dtype))
-                    g_CV = g_CV.to(mm)
-                    keep_C1 = valid_C[:, None].to(acc)
-                    grad_h[k, s:s + chunk_rows] = ((g_CV @ w).to(acc) * keep_C1).to(grad_h.dtype)
-                    if need_w:  # accumulate, the head's scale applied on the (C, D) side: no host sync
-                        into = grad_w[0 if scale_K is not None else k]
-                        hk_CD = h_CD.to(acc) * (keep_C1 if scale_K is None else keep_C1 * scale_K[k].to(acc))
-                        if mm == acc:
-                            into.addmm_(g_CV.t(), hk_CD)
-                        else:
-                            into += (g_CV.t() @ hk_CD.to(mm)).to(acc)
+                    if combined:  # sum_k c_k valid_k (softmax - onehot_k): rows without a target are zeros
+                        c_CK = (valid_KC.to(acc) * scale_K.to(acc)[:, None]).t()
+                        g_CV.mul_(c_CK.sum(1, keepdim=True)).scatter_add_(1, t_safe_CK, -c_CK)
+                        g_CV = g_CV.to(mm)
+                        grad_h[0, r:r + chunk_rows] = (g_CV @ w).to(grad_h.dtype)
+                        if need_w:
+                            _accumulate(grad_w[0], g_CV, h_CD, acc, mm)
+                        continue
+                    for j, k in enumerate(ks):  # ignored rows are zeroed on the (C, D) side
+                        g_k = g_CV if len(ks) == 1 else g_CV.clone()
+                        g_k.scatter_add_(1, t_safe_CK[:, j:j + 1], torch.full_like(t_safe_CK[:, :1], -1, dtype=acc))
+                        g_k = g_k.to(mm)
+                        keep_C1 = valid_KC[j, :, None].to(acc)
+                        grad_h[k, r:r + chunk_rows] = ((g_k @ w).to(acc) * keep_C1).to(grad_h.dtype)
+                        if need_w:  # accumulate, the head's scale applied on the (C, D) side: no host sync
+                            hk_CD = h_CD.to(acc) * (keep_C1 if scale_K is None else keep_C1 * scale_K[k].to(acc))
+                            _accumulate(grad_w[0 if scale_K is not None else k], g_k, hk_CD, acc, mm)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w, scale_K if scale_K is not None else grad_w.new_empty(0))
-            ctx.w_dtype = w_VD.dtype
+            ctx.w_dtype, ctx.shared, ctx.combined = w_VD.dtype, shared, combined
         else:
-            ctx.mark_non_differentiable(preds_KN)
-        return sums_K, preds_KN
+            ctx.mark_non_differentiable(preds_SN)
+        return sums_K, preds_SN
 
     @staticmethod
     def backward(ctx, grad_sums_K, _):
         grad_h, grad_w, scale_K = ctx.saved_tensors
         g_K = grad_sums_K.to(grad_w.dtype)
-        dh = grad_h * grad_sums_K.to(grad_h.dtype)[:, None, None]
-        dw = None
-        if grad_w.shape[0] and scale_K.numel():  # one buffer holding sum_k scale_k grad_w_k: g must be c * scale
+        ratio = None
+        if scale_K.numel() and (grad_w.shape[0] or ctx.combined):  # summed buffers: g must be c * scale
             s_K = scale_K.to(g_K.dtype)
             ratio = (g_K @ s_K) / (s_K @ s_K).clamp(min=torch.finfo(s_K.dtype).tiny)
             ok = ~((g_K - ratio * s_K).abs().max() > 1e-5 * g_K.abs().max())  # NaN passes: the step's guard takes it
             # checked on the device (no host sync): raises at once on a CPU, a device-side assert on a GPU
             torch._assert_async(ok, "mtp_loss: grad_scale was given, but the loss weighs the heads in another "
                                     "proportion (the gradient is not proportional to grad_scale)")
+        if ctx.combined:
+            dh = grad_h * ratio.to(grad_h.dtype)
+        else:
+            dh = grad_h * grad_sums_K.to(grad_h.dtype)[:, None, None]
+            dh = dh.sum(0, keepdim=True) if ctx.shared else dh  # K targets of one state
+        dw = None
+        if grad_w.shape[0] and ratio is not None:
             dw = (ratio * grad_w[0]).to(ctx.w_dtype)
         elif grad_w.shape[0]:  # sum_k g_k * grad_w[k] as one (1, K) @ (K, V*D) product: no (K, V, D) temporary
             dw = (g_K[None] @ grad_w.flatten(1)).view(grad_w.shape[1:]).to(ctx.w_dtype)
         return dh, dw, None, None, None, None
 
 
+def _accumulate(into_VD, g_CV, h_CD, acc, mm):
+    """into_VD += g_CV.T @ h_CD, in acc precision (products in mm, the matmul dtype)."""
+    if mm == acc:
+        into_VD.addmm_(g_CV.t(), h_CD.to(acc))
+    else:
+        into_VD += (g_CV.t() @ h_CD.to(mm)).to(acc)
+
+
 def _chunked(hidden, weight, targets, chunk_rows, need_grad, grad_scale):
-    K, B, T, D = hidden.shape
-    if targets.shape != (K, B, T):
-        raise ValueError(f"targets shape {tuple(targets.shape)}, expected {(K, B, T)} to match hidden")
+    S, B, T, D = hidden.shape
+    K = targets.shape[0]
+    if targets.shape[1:] != (B, T) or S not in (K, 1):
+        raise ValueError(f"targets shape {tuple(targets.shape)}, expected {(S, B, T)} to match hidden, or any number "
+                         "of heads for a hidden of one state (shared logits)")
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMS.get(hidden.device.type, CHUNK_ELEMS["cuda"]) // weight.shape[0])
     tgt = targets.reshape(K, B * T)
     if grad_scale is not None:
         grad_scale = grad_scale.detach().to(hidden.device)
-    sums, preds = _ChunkedLinearCE.apply(hidden.reshape(K, B * T, D), weight, tgt, chunk_rows, need_grad, grad_scale)
-    return sums, (tgt != IGNORE).sum(1), None if preds is None else preds.view(K, B, T)
+    sums, preds = _ChunkedLinearCE.apply(hidden.reshape(S, B * T, D), weight, tgt, chunk_rows, need_grad, grad_scale)
+    return sums, (tgt != IGNORE).sum(1), None if preds is None else preds.view(S, B, T).expand(K, B, T)
 
 
 def mtp_loss(hidden, weight, targets, chunk_rows=None, grad_scale=None):
     """hidden (n_predict, B, T, D), weight (V, D) the unembedding, targets (n_predict, B, T)
     -> (sums, counts), each (n_predict,): summed cross-entropy (float32) and number of valid targets.
+    hidden of one state (1, B, T, D) with targets of n_predict heads: shared logits, that state scored against
+    every head's targets (one matmul and one softmax per row).
     grad_scale (n_predict,), optional: the factors the caller will multiply the sums by before backward
-    (any multiple works); then one weight-sized gradient buffer is kept instead of one per head."""
+    (any multiple works); then one weight-sized gradient buffer is kept instead of one per head (and for shared
+    logits one hidden-sized gradient, one weight-gradient product per chunk)."""
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     sums, counts, _ = _chunked(hidden, weight, targets, chunk_rows, need_grad, grad_scale)
     return sums, counts
@@ -159,6 +198,7 @@ def mtp_eval(hidden, weight, targets, chunk_rows=None):
 
 def mtp_loss_reference(hidden, weight, targets):
     """The plain way, for tests and benchmarks: materialize all logits, then F.cross_entropy."""
+    hidden = hidden.expand(len(targets), *hidden.shape[1:])  # one state for every head: shared logits
     logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
     sums = torch.stack([F.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten(),
                                         ignore_index=IGNORE, reduction="sum") for k in range(len(hidden))])
@@ -181,7 +221,8 @@ def head_agreement(preds, targets):
         accept[j - 1, :, :T - j] = (preds[j, :, :T - j] == preds[0, :, j:]) & valid[j - 1, :, :T - j]
     run = accept.long().cumprod(0).sum(0)  # (B, T); zeros when K = 1 (no drafts)
     pieces = dict(correct=correct, valid=valid.sum((1, 2)), accepted=accept.sum((1, 2)),
-                  judged=valid[:K - 1].sum((1, 2)), run=((1 + run) * valid[0]).sum()[None], positions=valid[0].sum()[None])
+                  judged=valid[:K - 1].sum((1, 2)), run=((1 + run) * valid[0]).sum()[None],
+                  positions=valid[0].sum()[None])
     return {k: v.double() for k, v in pieces.items()}
 
 

@@ -1,15 +1,21 @@
 """model.py: a decoder-only Mixture-of-Experts transformer with document-causal attention and
-multi-token-prediction (MTP) heads.
+multi-token-prediction (MTP) heads in three styles (ModelConfig.mtp_style).
 
-Layout (Gloeckle et al. 2024, "Better & Faster LLMs via Multi-token Prediction"):
+    ids -> embedding -> n_layer trunk blocks -> x
+    parallel (Gloeckle et al. 2024, "Better & Faster LLMs via Multi-token Prediction"): head k = one dense block
+        on x -> shared final norm -> hidden[k-1], predicting token t + k
+    sequential (DeepSeek-V3, arXiv 2412.19437, section 2.2): head 1 = one dense block on x; head k >= 2 (depth
+        k-1) merges head k-1's state at t with the embedding of token t+k-1 (RMSNorm both, concatenate, project
+        2D -> D), runs one dense block, then the shared final norm; token t+k-1 is read only where it is head
+        k-1's target at t (tokens_ahead(): in t's document), elsewhere the embedding is zero
+    shared logits (modded-nanogpt, 2025-12): head 1's block only; its one state at t is scored against
+        t+1, t+2, ... (hidden has one row whatever the heads asked)
+    logits = hidden @ lm_head.weight.T
 
-    ids -> embedding -> n_layer trunk blocks -> h
-    head k (k = 1..n_predict) = one dense transformer block on h -> shared final norm -> hidden[k-1]
-    logits of head k = hidden[k-1] @ lm_head.weight.T, predicting token t + k
-
-forward() returns the per-head hidden states, not logits: loss.py computes the cross-entropy chunk by
-chunk so the (n_predict, B, T, vocab) logits never exist at once. `heads` selects which head blocks run
-(a head schedule drops heads late in training; plain decoding needs head 1 only).
+forward() returns the heads' hidden states, not logits: loss.py computes the cross-entropy chunk by chunk so
+the (n_predict, B, T, vocab) logits never exist at once. `heads` selects which heads are computed (a head
+schedule drops heads late in training; plain decoding needs head 1 only); head_modules_run() says which
+head modules that runs (sequential: a depth needs the depths before it).
 
 Attention: query (b, t) sees key (b, s) iff s <= t and doc_ids[b, s] == doc_ids[b, t]. Padding has doc
 id -1, so it sees only padding (itself included): no empty row, no NaN. Three backends compute it:
@@ -17,7 +23,9 @@ SDPA with a dense boolean mask (the reference, and the CPU training path), FlexA
 BlockMask (CUDA), and SDPA is_causal for a plain sequence (no doc_ids, no attention_mask given).
 
 Decoding: forward(ids, kv_cache=cache) feeds tokens at positions cache.pos, cache.pos + 1, ...; the model
-builds the positions and the causal mask itself, so callers pass tokens only (as in gpt-fast).
+builds the positions and the causal mask itself, so callers pass tokens only (as in gpt-fast). A sequential
+depth reads tokens not fed yet (the next token, earlier depths' drafts): decode_depth() runs it at the last
+fed position, with its own KV cache.
 
 MoE: dropless top-k routing over stacked expert weights [E, ...] (every expert gets a gradient every
 step, so DDP needs no find_unused_parameters), optional always-on shared experts, Switch load-balancing
@@ -30,6 +38,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+MTP_STYLES = ("parallel", "sequential", "shared")
 
 
 @dataclass
@@ -45,9 +55,10 @@ class ModelConfig:
     n_experts: int = 4  # routed experts per MoE layer
     top_k: int = 2  # routed experts per token
     n_shared_experts: int = 1  # always-on experts (DeepSeekMoE); 0 for none
-    expert_hidden: int = 0  # SwiGLU hidden size of one expert; 0 -> 4 * n_embd / (top_k + n_shared_experts), rounded up to 16
+    expert_hidden: int = 0  # SwiGLU hidden of one expert; 0: 4 * n_embd / (top_k + n_shared_experts), rounded up to 16
     n_dense_layers: int = 0  # leading trunk blocks with a dense FFN instead of MoE (DeepSeek-V3 uses 3)
     n_predict: int = 4  # MTP heads; head k predicts token t + k
+    mtp_style: str = "parallel"  # "parallel" (a block per head), "sequential" (DeepSeek-V3 depths), "shared" (logits)
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     rope_base: float = 10000.0  # rotary embedding base
     dropout: float = 0.0  # residual dropout; 0 keeps a training forward deterministic
@@ -80,16 +91,23 @@ class ModelConfig:
             bad(f"attn_backend={self.attn_backend!r}, expected 'auto', 'sdpa' or 'flex'")
         if self.moe_backend not in ("auto", "loop", "grouped"):
             bad(f"moe_backend={self.moe_backend!r}, expected 'auto', 'loop' or 'grouped'")
+        if self.mtp_style not in MTP_STYLES:
+            bad(f"mtp_style={self.mtp_style!r}, expected 'parallel', 'sequential' or 'shared'")
 
     @property
     def ffn_hidden(self):
         # a multiple of 16 keeps grouped-matmul strides aligned (torch._grouped_mm needs 16-byte strides)
         return self.expert_hidden or math.ceil(4 * self.n_embd // (self.top_k + self.n_shared_experts) / 16) * 16
 
+    @property
+    def n_head_modules(self):
+        """Head modules with parameters: one per head, except shared logits (head 1's block scores every head)."""
+        return 1 if self.mtp_style == "shared" else self.n_predict
+
 
 @dataclass
 class ModelOutput:
-    hidden: torch.Tensor  # (len(heads), B, T, n_embd) final-normed states of each head run
+    hidden: torch.Tensor  # (len(heads), B, T, n_embd) final-normed states of the heads asked; shared logits: (1, ...)
     aux_loss: torch.Tensor  # scalar: aux_loss_coef * balance + z_loss_coef * z, summed over MoE layers
     expert_counts: torch.Tensor  # (n_moe_layers, n_experts) real tokens routed to each expert
 
@@ -133,25 +151,35 @@ def rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every attention module (trunk and heads) for decoding one batch of sequences,
+    """Keys and values of every attention module (trunk and head modules) for decoding one batch of sequences,
     preallocated to max_len positions. `pos` is the number of positions fed; truncate(n) rolls back.
-    A forward that runs only some heads leaves the others behind (`head_pos`); the trunk's output at
-    every position is kept (`trunk`, B x max_len x D), so a later forward catches a head block up."""
+    A forward that runs only some heads leaves the others behind (`head_pos`: the positions each head module
+    holds); the trunk's output at every position is kept (`trunk`, B x max_len x D), so a later forward catches
+    a head block up. Sequential style: the fed ids (`ids`) and each head module's output before the final norm
+    (`states`) are kept too, since depth i at position s reads head i's state at s and token s + i: it holds
+    position s only once token s + i is fed (what it ran beyond, on the next token and on drafts, the next
+    decode_depth() recomputes), and a rollback to n positions leaves it n - i of them."""
 
     def __init__(self, model, max_len, batch=1, vocab=None):
         cfg, p = model.cfg, next(model.parameters())
         kv, hd = cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
-        self.kv = {b.attn: (p.new_zeros(batch, kv, max_len, hd), p.new_zeros(batch, kv, max_len, hd))
-                   for b in list(model.blocks) + list(model.heads)}
+        self.kv = {m: (p.new_zeros(batch, kv, max_len, hd), p.new_zeros(batch, kv, max_len, hd))
+                   for m in model.modules() if isinstance(m, Attention)}
         self.trunk = p.new_zeros(batch, max_len, cfg.n_embd)
-        self.pos, self.head_pos = 0, [0] * cfg.n_predict
+        n, sequential = len(model.heads), cfg.mtp_style == "sequential"
+        self.pos, self.head_pos = 0, [0] * n
+        self.lag = list(range(n)) if sequential else [0] * n  # depth i reads i tokens ahead of its position
+        self.ids = torch.zeros(batch, max_len, dtype=torch.long, device=p.device) if sequential else None
+        self.states = p.new_zeros(n, batch, max_len, cfg.n_embd) if sequential else None
+        self.drafted = [0] * n  # sequential: pos when depth i last ran at position pos - 1; 0 after a feed or rollback
         # the unembedding transposed, (D, vocab): decoding multiplies a few rows at a time, and the CPU's GEMM
         # reads this layout up to 1.8x faster than lm_head.weight.t() (vocab: drop the padding ids up front)
         self.unembed_DV = model.lm_head.weight[:vocab].detach().t().contiguous()
 
     def truncate(self, n):
         self.pos = n
-        self.head_pos = [min(p, n) for p in self.head_pos]
+        self.head_pos = [max(0, min(p, n - lag)) for p, lag in zip(self.head_pos, self.lag)]
+        self.drafted = [0] * len(self.drafted)
 
     def update(self, attn, start, k, v):
         """Write k, v (B, KV, T, hd) at positions start.. and return the keys and values up to there."""
@@ -221,7 +249,8 @@ def experts_grouped(x_ND, idx_NK, gate_NK, w1_EFD, w3_EFD, w2_EDF):
     flat = idx_NK.flatten()
     order = torch.argsort(flat, stable=True)  # assignment slots sorted by expert
     tok = order // K
-    sizes = torch.zeros(E, dtype=torch.int32, device=x_ND.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    ones = torch.ones_like(flat, dtype=torch.int32)
+    sizes = torch.zeros(E, dtype=torch.int32, device=x_ND.device).scatter_add_(0, flat, ones)
     offs = torch.cumsum(sizes, 0, dtype=torch.int32)
     dev = x_ND.device.type
     mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_ND.dtype
@@ -236,7 +265,8 @@ def experts_dense(x_ND, idx_NK, gate_NK, w1_EFD, w3_EFD, w2_EDF):
     """Every expert on every token, weighted by the gates (0 for an expert not chosen): E / top_k times the routed
     FLOPs, but the fewest operations, so the fastest path for a handful of tokens (decoding)."""
     h_ENF = F.silu(torch.einsum("nd,efd->enf", x_ND, w1_EFD)) * torch.einsum("nd,efd->enf", x_ND, w3_EFD)
-    gate_NE = torch.zeros(x_ND.shape[0], w1_EFD.shape[0], dtype=gate_NK.dtype, device=x_ND.device).scatter(1, idx_NK, gate_NK)
+    gate_NE = torch.zeros(x_ND.shape[0], w1_EFD.shape[0], dtype=gate_NK.dtype, device=x_ND.device)
+    gate_NE = gate_NE.scatter(1, idx_NK, gate_NK)
     return torch.einsum("enf,edf,ne->nd", h_ENF, w2_EDF, gate_NE)
 
 
@@ -288,7 +318,8 @@ class MoE(nn.Module):
         # (scatter_add, not one_hot: one_hot reads its input's range back, a host sync on a GPU)
         w_N = valid_N.to(probs_NE.dtype)
         n_real = w_N.sum().clamp(min=1)
-        counts_E = w_N.new_zeros(cfg.n_experts).scatter_add_(0, idx_NK.flatten(), w_N[:, None].expand_as(idx_NK).flatten())
+        counts_E = w_N.new_zeros(cfg.n_experts).scatter_add_(0, idx_NK.flatten(),
+                                                             w_N[:, None].expand_as(idx_NK).flatten())
         f_E = counts_E / (n_real * cfg.top_k)
         p_E = (probs_NE * w_N[:, None]).sum(0) / n_real
         balance = cfg.n_experts * (f_E * p_E).sum()  # Switch Transformer: 1.0 when perfectly balanced
@@ -314,6 +345,23 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x))), x.new_zeros(()), x.new_zeros(0, self.n_experts)
 
 
+class Depth(nn.Module):
+    """One depth of sequential multi-token prediction (DeepSeek-V3): the previous head's state at t (before the
+    final norm) and the embedding of the token this depth reads at t, each RMS-normed, concatenated and projected
+    from 2D to D, then one dense block. -> the state at t before the final norm (B, T, D)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm_h, self.norm_e = nn.RMSNorm(cfg.n_embd, eps=1e-6), nn.RMSNorm(cfg.n_embd, eps=1e-6)
+        self.merge = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.block = Block(cfg, moe=False)
+
+    def forward(self, h_BTD, e_BTD, cos, sin, mask, valid, cache=None):
+        # a zero embedding (no token to read) stays zero through RMSNorm: x * rsqrt(mean(x^2) + eps) = 0
+        x_BTD = self.merge(torch.cat([self.norm_h(h_BTD), self.norm_e(e_BTD)], dim=-1))
+        return self.block(x_BTD, cos, sin, mask, valid, cache)[0]
+
+
 # ----------------------------------------------------------------------------- the model
 
 class Model(nn.Module):
@@ -322,7 +370,9 @@ class Model(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layer))
-        self.heads = nn.ModuleList(Block(cfg, moe=False) for _ in range(cfg.n_predict))
+        # one module per head (shared logits: head 1's block alone); sequential: head 1's block, then the depths
+        self.heads = nn.ModuleList(Block(cfg, moe=False) if i == 0 or cfg.mtp_style != "sequential" else Depth(cfg)
+                                   for i in range(cfg.n_head_modules))
         self.norm_f = nn.RMSNorm(cfg.n_embd, eps=1e-6)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -358,16 +408,33 @@ class Model(nn.Module):
         routed = sum(p.numel() for m in self.modules() if isinstance(m, MoE) for p in (m.w1_EFD, m.w3_EFD, m.w2_EDF))
         return total, total - routed + routed * self.cfg.top_k // self.cfg.n_experts
 
-    def flops_per_token(self, seq_len=None, n_heads=None):
-        """Training FLOPs per token with n_heads heads (default all): 6 * active matmul parameters (the
-        unembedding once per head, the embedding lookup free) + attention scores 6 * 2 * blocks * n_embd * T
-        (nanoGPT/PaLM convention, counted as if every key were attended)."""
-        cfg, T, n = self.cfg, seq_len or self.cfg.seq_len, self.cfg.n_predict if n_heads is None else n_heads
+    def head_modules_run(self, heads):
+        """Indices into self.heads of the modules a forward with these heads runs (all of them get a gradient
+        through the heads asked): parallel, the heads themselves; sequential, depth i needs depths 1..i-1 and
+        head 1 under it; shared logits, head 1's block whatever the heads."""
+        heads = list(heads)
+        if not heads:
+            return set()
+        if self.cfg.mtp_style == "shared":
+            return {0}
+        return set(range(max(heads) + 1)) if self.cfg.mtp_style == "sequential" else set(heads)
+
+    def flops_per_token(self, seq_len=None, n_heads=None, heads=None):
+        """Training FLOPs per token computing heads 1..n_heads (default all), or the heads given as indices: 6 *
+        active matmul parameters (the head modules that run, head_modules_run(); the unembedding once per head
+        scored, once in all for shared logits, whose extra targets are gathers; the embedding lookups free) +
+        attention scores 6 * 2 * blocks * n_embd * T (nanoGPT/PaLM convention, counted as if every key were
+        attended, blocks = n_layer + the head modules that run)."""
+        cfg, T = self.cfg, seq_len or self.cfg.seq_len
+        heads = list(range(cfg.n_predict if n_heads is None else n_heads) if heads is None else heads)
         _, active = self.param_counts()
         lm = cfg.vocab_size * cfg.n_embd
-        head_block = sum(p.numel() for p in self.heads[0].parameters())  # n_predict >= 1
-        matmul = active - lm * (1 if cfg.tie_embeddings else 2) + lm * n - head_block * (cfg.n_predict - n)
-        return 6 * matmul + 12 * (cfg.n_layer + n) * cfg.n_embd * T
+        per_module = [sum(p.numel() for p in m.parameters()) for m in self.heads]
+        run = self.head_modules_run(heads)
+        trunk = active - sum(per_module) - lm * (1 if cfg.tie_embeddings else 2)
+        unembeddings = min(len(heads), 1) if cfg.mtp_style == "shared" else len(heads)
+        matmul = trunk + sum(per_module[i] for i in run) + lm * unembeddings
+        return 6 * matmul + 12 * (cfg.n_layer + len(run)) * cfg.n_embd * T
 
     @torch.no_grad()
     def update_expert_bias(self, counts, rate):
@@ -400,7 +467,8 @@ class Model(nn.Module):
     def forward(self, input_ids, attention_mask=None, doc_ids=None, position_ids=None, heads=None, kv_cache=None):
         """input_ids (B, T) -> ModelOutput. doc_ids / position_ids as in data.py's batch; with attention_mask
         only, each row is one document followed by padding; with neither, each row is one plain sequence.
-        heads: indices of the head blocks to run (default all). kv_cache: decode at positions kv_cache.pos.."""
+        heads: indices of the heads to compute (default all). kv_cache: decode at positions kv_cache.pos.. (the
+        sequential style computes head 1 there; its depths draft with decode_depth())."""
         B, T = input_ids.shape
         for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids), ("position_ids", position_ids)):
             if t is not None and t.shape != input_ids.shape:
@@ -408,25 +476,57 @@ class Model(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         room = min(self.cfg.seq_len, kv_cache.trunk.shape[1]) if kv_cache is not None else self.cfg.seq_len
         if start + T > room:
-            raise ValueError(f"sequence length {start + T} > {'the KV cache' if room < self.cfg.seq_len else 'seq_len'} {room}")
+            where = "the KV cache" if room < self.cfg.seq_len else "seq_len"
+            raise ValueError(f"sequence length {start + T} > {where} {room}")
         if input_ids.device.type == "cpu":
             self.check_inputs(input_ids, position_ids)
-        heads = range(self.cfg.n_predict) if heads is None else heads
+        heads = self.check_heads(heads, kv_cache)
         if kv_cache is not None:
             return self._decode(input_ids, kv_cache, heads)
         if doc_ids is None and attention_mask is not None:  # a plain padded batch: one document per row
             doc_ids = torch.where(attention_mask.bool(), 0, -1).to(torch.int32)
         if doc_ids is None:
             mask, valid = None, torch.ones_like(input_ids, dtype=torch.bool)  # plain causal: the fastest path
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T) if position_ids is None else position_ids
+            if position_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             use_flex = self.cfg.attn_backend == "flex" or (self.cfg.attn_backend == "auto" and input_ids.is_cuda)
             mask, valid = (flex_block_mask if use_flex else doc_mask)(doc_ids), doc_ids >= 0
             position_ids = positions_from_doc_ids(doc_ids) if position_ids is None else position_ids
         rope = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, hd/2)
         x, aux, counts = self._trunk(self.drop(self.tok_emb(input_ids)), rope, mask, valid)
-        hidden = torch.stack([self.norm_f(self.heads[h](x, *rope, mask, valid)[0]) for h in heads])
-        return ModelOutput(hidden=hidden, aux_loss=aux, expert_counts=counts)
+        run = sorted(self.head_modules_run(heads))  # states before the final norm of the head modules run
+        if self.cfg.mtp_style == "sequential":
+            # depth i at t reads token t + i where it lies in t's document, else a zero embedding: never a token
+            # of another document, of padding or past the row
+            states = {0: self.heads[0](x, *rope, mask, valid)[0]}
+            docs = torch.zeros_like(input_ids, dtype=torch.int32) if doc_ids is None else doc_ids
+            read_KBT = tokens_ahead(input_ids, docs, run[-1])
+            for i in run[1:]:
+                states[i] = self.heads[i](states[i - 1], self.embed_or_zero(read_KBT[i - 1]), *rope, mask, valid)
+        else:
+            states = {i: self.heads[i](x, *rope, mask, valid)[0] for i in run}
+        shown = [0] if self.cfg.mtp_style == "shared" else heads  # shared logits: one state scored by every head
+        return ModelOutput(hidden=torch.stack([self.norm_f(states[h]) for h in shown]), aux_loss=aux,
+                           expert_counts=counts)
+
+    def check_heads(self, heads, kv_cache=None):
+        """heads -> a list of head indices, checked: a ValueError names the bad ones."""
+        n = self.cfg.n_predict
+        heads = list(range(n)) if heads is None else [int(h) for h in heads]
+        if kv_cache is not None and self.cfg.mtp_style == "sequential":
+            if heads != list(range(n)) and heads != [0]:
+                raise ValueError(f"heads={heads}: a sequential model computes head 1 (index 0) in a forward with a KV "
+                                 "cache; its depths read tokens not fed yet and draft with decode_depth()")
+            heads = [0]
+        if not heads or any(not 0 <= h < n for h in heads) or len(set(heads)) < len(heads):
+            raise ValueError(f"heads={heads}, expected distinct head indices in [0, n_predict={n})")
+        return heads
+
+    def embed_or_zero(self, ids_BT):
+        """Token embeddings, zero where ids_BT is negative (no token to read there)."""
+        ok_BT = ids_BT >= 0
+        return torch.where(ok_BT[..., None], self.tok_emb(torch.where(ok_BT, ids_BT, 0)), 0.0)
 
     def _trunk(self, x, rope, mask, valid, cache=None):
         aux, counts = x.new_zeros(()), []
@@ -435,30 +535,64 @@ class Model(nn.Module):
             aux, counts = aux + block_aux, counts + [block_counts]
         return x, aux, torch.cat(counts)
 
+    def _span(self, first, end, device):
+        """Decoding: queries at positions first..end-1 over keys 0..end-1 -> (rope cos, rope sin, causal mask)."""
+        keys = torch.arange(end, device=device)
+        causal = (keys[None, :] <= keys[first:, None])[None, None]  # (1, 1, Tq, end)
+        return self.rope_cos[first:end][None, None], self.rope_sin[first:end][None, None], causal
+
     def _decode(self, ids, cache, heads):
         """Feed ids (B, T) at positions cache.pos..; a head block that fell behind first catches up on the
         trunk outputs it missed (one forward over them). One sequence per row, no padding."""
         B, T = ids.shape
         start, end = cache.pos, cache.pos + T
-        keys = torch.arange(end, device=ids.device)
-
-        def causal(first):  # queries at positions first..end-1 over keys 0..end-1: (1, 1, Tq, end)
-            return (keys[None, :] <= keys[first:, None])[None, None]
-
-        def rope(first):
-            return self.rope_cos[first:end][None, None], self.rope_sin[first:end][None, None]
+        cos, sin, causal = self._span(start, end, ids.device)
         valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)
-        x, aux, counts = self._trunk(self.tok_emb(ids), rope(start), causal(start), valid, (cache, start))
+        x, aux, counts = self._trunk(self.tok_emb(ids), (cos, sin), causal, valid, (cache, start))
         cache.trunk[:, start:end] = x
-        hidden = []
-        for h in heads:
+        if cache.ids is not None:
+            cache.ids[:, start:end] = ids
+        hidden = {}
+        for h in sorted(self.head_modules_run(heads)):  # sequential and shared: head 1's block only
             first = cache.head_pos[h]  # <= start
-            xh = cache.trunk[:, first:end]
-            out = self.heads[h](xh, *rope(first), causal(first), valid.new_ones(B, end - first), (cache, first))[0]
-            hidden.append(self.norm_f(out[:, -T:]))
+            out = self.heads[h](cache.trunk[:, first:end], *self._span(first, end, ids.device),
+                                valid.new_ones(B, end - first), (cache, first))[0]
+            if cache.states is not None:
+                cache.states[h, :, first:end] = out
+            hidden[h] = self.norm_f(out[:, -T:])
             cache.head_pos[h] = end
-        cache.pos = end
-        return ModelOutput(hidden=torch.stack(hidden), aux_loss=aux, expert_counts=counts)
+        cache.pos, cache.drafted = end, [0] * len(cache.drafted)
+        shown = [0] if self.cfg.mtp_style == "shared" else heads
+        return ModelOutput(hidden=torch.stack([hidden[h] for h in shown]), aux_loss=aux, expert_counts=counts)
+
+    def decode_depth(self, i, next_ids, kv_cache):
+        """Sequential style, decoding: depth i (head i + 1) at the last fed position p = kv_cache.pos - 1, where it
+        reads token p + i, not fed yet. next_ids (B, i): the tokens at p+1 .. p+i (the next token, then the drafts
+        of depths 1..i-1); depth i - 1 must have run at p on the same tokens (for i = 1, head 1 at every fed
+        position) -> head i+1's final-normed state at p, (B, D). Depth i runs every position from the first it
+        does not hold to p (one forward) and keeps its keys and values with its own KV cache."""
+        cache, cfg = kv_cache, self.cfg
+        if cfg.mtp_style != "sequential" or not 1 <= i < cfg.n_predict:
+            raise ValueError(f"decode_depth({i}): depths 1..n_predict-1 = {cfg.n_predict - 1} of a sequential model, "
+                             f"this one is mtp_style={cfg.mtp_style!r}")
+        if tuple(next_ids.shape) != (cache.trunk.shape[0], i):
+            raise ValueError(f"decode_depth({i}): next_ids has shape {tuple(next_ids.shape)}, "
+                             f"expected {(cache.trunk.shape[0], i)}: the next token and {i - 1} drafts")
+        p = cache.pos - 1
+        if p < 0 or (cache.head_pos[0] if i == 1 else cache.drafted[i - 1]) != cache.pos:
+            raise ValueError(f"decode_depth({i}): {'head 1' if i == 1 else f'depth {i - 1}'} has not run at the "
+                             f"last fed position {p} since it was fed")
+        if next_ids.device.type == "cpu":
+            self.check_inputs(next_ids)
+        first = cache.head_pos[i]
+        stream_BS = torch.cat([cache.ids[:, :p + 1], next_ids], dim=1)  # tokens at 0 .. p + i
+        e_BTD = self.tok_emb(stream_BS[:, first + i:])  # position s reads token s + i, s = first .. p
+        out = self.heads[i](cache.states[i - 1, :, first:p + 1], e_BTD, *self._span(first, p + 1, next_ids.device),
+                            torch.ones_like(e_BTD[..., 0], dtype=torch.bool), (cache, first))
+        cache.states[i, :, first:p + 1] = out
+        cache.head_pos[i] = max(first, p + 1 - i)  # positions whose token is fed; the rest read next_ids
+        cache.drafted[i] = cache.pos
+        return self.norm_f(out[:, -1])
 
     def logits(self, hidden, kv_cache=None):
         """(..., D) -> (..., vocab_size); with a decoding cache, (..., the cache's vocab) from its copy."""
@@ -473,3 +607,15 @@ def positions_from_doc_ids(doc_ids):
     start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     pos = t - torch.cummax(torch.where(start, t, 0), dim=1).values
     return torch.where(doc_ids >= 0, pos, 0)
+
+
+def tokens_ahead(input_ids, doc_ids, n):
+    """-> (n, B, T) int64: row i-1 holds token t + i where it lies in t's document (t + i < T, doc_ids[t] >= 0,
+    doc_ids[t + i] == doc_ids[t]), else -1. What sequential depth i reads at t: exactly head i's target at t
+    under loss.mtp_targets' rule (this file imports nothing of the project; test_mask.py holds the two equal)."""
+    B, T = input_ids.shape
+    out = torch.full((n, B, T), -1, dtype=torch.long, device=input_ids.device)
+    for i in range(1, min(n, T - 1) + 1):
+        ok = (doc_ids[:, i:] == doc_ids[:, :-i]) & (doc_ids[:, :-i] >= 0)  # (B, T - i)
+        out[i - 1, :, :-i] = torch.where(ok, input_ids[:, i:], -1)
+    return out

@@ -15,6 +15,11 @@ with sampling, drafts pass the speculative-sampling test (Leviathan et al. 2023)
 1's distribution. How many drafts to compute (0 is plain decoding) is decided as it goes (DraftPolicy):
 from this sample's acceptance and the measured time of each kind of forward, so that a model whose drafts
 fail costs no more than plain decoding. Text goes to stdout as it comes; statistics go to stderr.
+
+By the model's mtp_style: parallel heads draft from the verify forward itself (heads 2..d+1 at the last kept
+position); sequential depths draft one after another after it (Model.decode_depth: depth j reads the next
+token and the drafts of depths 1..j-1, each depth with its own KV cache); shared logits have nothing to draft
+with (head k scores head 1's own logits), so speculative decoding is plain decoding there, said once on stderr.
 """
 import codecs
 import statistics
@@ -24,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from data import EOT, GPT2_VOCAB, Corpus, get_tokenizer
 from checkpoint import load_model
+from data import EOT, GPT2_VOCAB, Corpus, get_tokenizer
 from model import KVCache
 from settings import parse_config, resolve_device
 
@@ -74,9 +79,9 @@ class DraftPolicy:
     """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks
     the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
     sample's acceptance a_j of draft j given the ones before it (recent drafts weigh more: a text's easy and
-    hard stretches alternate; Beta(1, 1) prior), over the measured seconds of forwards computing d drafts (the median of the
-    last 8: a shared machine's hiccups of several milliseconds must not make plain decoding look dearer than
-    drafting; unmeasured ones interpolated between d = 0 and d = n_drafts, which are measured first).
+    hard stretches alternate; Beta(1, 1) prior), over the measured seconds of forwards computing d drafts (the
+    median of the last 8: a shared machine's hiccups of several milliseconds must not make plain decoding look
+    dearer than drafting; unmeasured ones interpolated between d = 0 and d = n_drafts, which are measured first).
     While plain decoding wins, one probe with drafts runs after 4, 8, 16, ... (at most 64) plain forwards, so a
     stretch of text where drafts hold is noticed. With sampling the
     drafts change which random numbers are drawn, so there the decisions must not depend on the clock, or a
@@ -124,12 +129,25 @@ class DraftPolicy:
         return 0
 
 
+_told = set()
+
+
+def tell_once(msg):
+    """A note on stderr once per process (generate() runs once per sample and per bench prompt)."""
+    if msg not in _told:
+        _told.add(msg)
+        print(msg, file=sys.stderr)
+
+
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, gen=None,
              speculative=False, on_token=None):
     """prompt: list of ids (starting with EOT) -> (new ids, stats). Stops at EOT or the context length."""
     model.eval()
-    seq_len, n = model.cfg.seq_len, model.cfg.n_predict
+    seq_len, n, style = model.cfg.seq_len, model.cfg.n_predict, model.cfg.mtp_style
+    if speculative and style == "shared" and n > 1:
+        tell_once("note: mtp_style='shared' has no drafts (every head scores head 1's logits): decoding plainly")
+    speculative = speculative and style != "shared"
     if not prompt:
         raise ValueError("empty prompt: give at least one token")
     if len(prompt) >= seq_len:
@@ -152,7 +170,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
 
     while True:
         t_fwd, start = time.time(), cache.pos
-        hidden = model(torch.tensor([feed], device=dev), kv_cache=cache, heads=range(1 + d)).hidden[:, 0]  # (1+d, T, D)
+        heads = range(1 + d) if style == "parallel" else [0]  # sequential depths draft after this forward
+        hidden = model(torch.tensor([feed], device=dev), kv_cache=cache, heads=heads).hidden[:, 0]  # (heads, T, D)
         forwards += 1
         base = len(feed) - 1 - len(drafts)  # fed index of the token before the first draft
         head1 = model.logits(hidden[0, base:], cache)  # head 1 there and at each draft: row i judges drafts[i]
@@ -181,15 +200,11 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         if done or emit(nxt):
             break
         cache.truncate(start + len(feed) - len(drafts) + kept)  # drop the rejected drafts' keys and values
-        room = min(budget - len(out), seq_len - cache.pos) - 1  # drafts fed next must fit the budget and context
+        # drafts fed next must fit the budget (each may become a token of out) and the context (after out[-1])
+        room = min(budget - len(out), seq_len - cache.pos - 1)
         drafts, q = [], None
-        if d > 0 and room > 0:  # the drafting heads at the last kept position
-            logits = model.logits(hidden[1:1 + room, base + kept], cache)
-            if gen is None:
-                drafts = logits.argmax(-1).tolist()
-            else:
-                q = dist(logits).cpu()
-                drafts = [pick(q[j], gen) for j in range(len(q))]
+        if d > 0 and room > 0:  # at the last kept position
+            drafts, q = make_drafts(model, cache, hidden[1:1 + room, base + kept], out[-1], min(d, room), dist, gen)
         feed = [out[-1]] + drafts
         if forwards > 2 and d == prev_d:  # steady state only (a forward also pays for feeding the drafts before
             policy.timed(d, time.time() - t_fwd)  # it), and not the first two, which pay for warming up
@@ -199,10 +214,34 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
                      tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted)
 
 
+def make_drafts(model, cache, heads_nD, nxt, n, dist, gen):
+    """n drafts of the tokens after nxt (the next token, fed next) at the last kept position -> (drafts, q): q (n, V)
+    the distributions they were drawn from when sampling, None when greedy. Parallel heads: heads_nD, the drafting
+    heads' states there, from the verify forward. Sequential depths: one after another (heads_nD is empty), depth j
+    reading nxt and the drafts of depths 1..j-1, so a sampled draft feeds the depths after it."""
+    if model.cfg.mtp_style == "sequential":
+        ids, qs = torch.tensor([[nxt]], device=cache.trunk.device), []
+        for j in range(1, n + 1):
+            logits = model.logits(model.decode_depth(j, ids, cache), cache)  # (1, V)
+            if gen is None:  # greedy drafts stay on the device until the last one
+                ids = torch.cat([ids, logits.argmax(-1)[None]], dim=1)
+            else:
+                qs.append(dist(logits[0]).cpu())
+                ids = torch.cat([ids, ids.new_tensor([[pick(qs[-1], gen)]])], dim=1)
+        return ids[0, 1:].tolist(), torch.stack(qs) if qs else None
+    logits = model.logits(heads_nD, cache)
+    if gen is None:
+        return logits.argmax(-1).tolist(), None
+    q = dist(logits).cpu()
+    return [pick(q[j], gen) for j in range(len(q))], q
+
+
 def check_settings(c):
-    for k, ok, expected in (("max_new_tokens", c["max_new_tokens"] >= 1, ">= 1"), ("num_samples", c["num_samples"] >= 1, ">= 1"),
-                            ("temperature", c["temperature"] >= 0, ">= 0 (0 is greedy)"), ("top_k", c["top_k"] >= 0, ">= 0"),
-                            ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"), ("bench_prompts", c["bench_prompts"] >= 1, ">= 1")):
+    for k, ok, expected in (("max_new_tokens", c["max_new_tokens"] >= 1, ">= 1"),
+                            ("num_samples", c["num_samples"] >= 1, ">= 1"),
+                            ("temperature", c["temperature"] >= 0, ">= 0 (0 is greedy)"),
+                            ("top_k", c["top_k"] >= 0, ">= 0"), ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"),
+                            ("bench_prompts", c["bench_prompts"] >= 1, ">= 1")):
         if not ok:
             raise ValueError(f"{k}={c[k]}, expected {expected}")
 
@@ -214,7 +253,8 @@ def read_prompt(text):
         try:
             text = Path(text[5:]).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--prompt=FILE:{text[5:]}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+            why = getattr(e, "strerror", None) or e
+            raise ValueError(f"--prompt=FILE:{text[5:]}: cannot read it ({why})") from None
     if not text:
         raise ValueError("empty prompt: pass --prompt=TEXT, --prompt=FILE:path or --prompt=- with text on stdin")
     return text
@@ -234,7 +274,10 @@ def bench(model, state, c, prompt_len=32, stride=1024):
     generate(model, corpus.tokens(*starts[0], prompt_len).tolist(), 8, speculative=True)  # warm-up
     rows = []
     for d, o in starts:
-        prompt = corpus.tokens(d, o, prompt_len).tolist() if o == 0 else [EOT] + corpus.tokens(d, o, prompt_len - 1).tolist()
+        if o == 0:
+            prompt = corpus.tokens(d, o, prompt_len).tolist()
+        else:
+            prompt = [EOT] + corpus.tokens(d, o, prompt_len - 1).tolist()
         plain_ids, plain = generate(model, prompt, c["max_new_tokens"])
         spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True)
         if spec_ids != plain_ids:
@@ -250,7 +293,8 @@ def bench(model, state, c, prompt_len=32, stride=1024):
           f"per forward (median)", file=sys.stderr)
     print(f"speedup: median {med:.2f}x, quartiles {lo:.2f}-{hi:.2f}x, range {min(speedups):.2f}-{max(speedups):.2f}x",
           file=sys.stderr)
-    return dict(speedup_median=med, speedup_quartiles=(lo, hi), tokens_per_forward=statistics.median(r[2] for r in rows))
+    return dict(speedup_median=med, speedup_quartiles=(lo, hi),
+                tokens_per_forward=statistics.median(r[2] for r in rows))
 
 
 def main(c):

@@ -1,11 +1,21 @@
 """Tests of loss.py: hand-written targets, closed-form counts, the chunked cross-entropy against the
-materialized reference (values and gradients), empty cases, and torch.compile."""
+materialized reference (values and gradients), shared logits (one state scored against every head's targets:
+the reference, and one unembedding's FLOPs whatever the heads), empty cases, and torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from data import EOT, pack
-from loss import IGNORE, ModelWithLoss, count_targets, head_agreement, mtp_loss, mtp_loss_reference, mtp_targets
+from loss import (
+    IGNORE,
+    ModelWithLoss,
+    count_targets,
+    head_agreement,
+    mtp_eval,
+    mtp_loss,
+    mtp_loss_reference,
+    mtp_targets,
+)
 
 A1, A2, B1, B2 = 11, 12, 21, 22
 X = IGNORE
@@ -151,6 +161,25 @@ def test_precision_under_autocast():
     assert not torch.allclose(sums, full, rtol=1e-6, atol=0)
 
 
+def test_shared_logits_precision_under_autocast():
+    # the combined gradient of shared logits under autocast: bf16 products, float32 softmax and sums
+    h, w, tgt = random_case(7, K=3, B=2, T=16, D=32, V=300)
+    h = h[:1].detach().float().requires_grad_()
+    w = w.detach().float().requires_grad_()
+    scale = torch.tensor([1.0, 0.5, 0.25])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, _ = mtp_loss(h, w, tgt, chunk_rows=7, grad_scale=scale)
+        gh, gw = torch.autograd.grad((scale * sums).sum(), (h, w))
+    assert sums.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float32
+    logits = (h[0].bfloat16() @ w.bfloat16().t()).float()
+    ref = torch.stack([F.cross_entropy(logits.flatten(0, 1), tgt[k].flatten(), ignore_index=IGNORE, reduction="sum")
+                       for k in range(3)])
+    torch.testing.assert_close(sums, ref, rtol=1e-5, atol=1e-4)
+    rh, rw = torch.autograd.grad((scale * ref).sum(), (h, w))
+    torch.testing.assert_close(gh, rh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=1e-2)
+
+
 def test_head_agreement_by_hand():
     # one document [1 2 3 4 5] then padding; the heads' greedy tokens are written out
     ids = torch.tensor([[1, 2, 3, 4, 5, 0]])
@@ -169,13 +198,90 @@ def test_head_agreement_by_hand():
 def test_model_with_loss_is_the_glue_written_out():
     from model import Model, ModelConfig
     torch.manual_seed(0)
-    model = Model(ModelConfig(vocab_size=64, seq_len=32, n_layer=1, n_head=2, n_embd=16, n_experts=4, n_predict=3)).double()
+    cfg = ModelConfig(vocab_size=64, seq_len=32, n_layer=1, n_head=2, n_embd=16, n_experts=4, n_predict=3)
+    model = Model(cfg).double()
     batch = pack([[EOT % 64] + list(range(1, 12)) + [EOT % 64], [EOT % 64, 5, 6, 7, EOT % 64]], 32)
     batch["input_ids"] %= 64
     out = ModelWithLoss(model)(batch, heads=[0, 2])
     h = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"]).hidden
-    sums, counts = mtp_loss_reference(h[[0, 2]], model.lm_head.weight, mtp_targets(batch["input_ids"], batch["doc_ids"], 3)[[0, 2]])
+    tgt = mtp_targets(batch["input_ids"], batch["doc_ids"], 3)
+    sums, counts = mtp_loss_reference(h[[0, 2]], model.lm_head.weight, tgt[[0, 2]])
     torch.testing.assert_close(out.sums, sums, rtol=1e-12, atol=1e-12)
     assert out.counts.tolist() == counts.tolist() == [18 - 2 * 1, 18 - 2 * 3]  # documents of 13 and 5: sum of len - k
     ev = ModelWithLoss(model)(batch, predict=True)
     assert ev.preds.shape == (3, 1, 32) and torch.equal(ev.preds[0], model.logits(h[0]).argmax(-1))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, None])
+def test_shared_logits_equal_the_materialized_reference(chunk_rows):
+    # one state scored against the targets of 3 heads: the reference repeats the state and materializes the logits
+    h, w, tgt = random_case(6)
+    h1 = h[:1].detach().clone().requires_grad_()
+    scale = torch.tensor([1.0, 0.3, 2.0], dtype=torch.float64)
+    ref_sums, ref_counts = mtp_loss_reference(h1, w, tgt)
+    manual = [F.cross_entropy((h1[0] @ w.t()).flatten(0, 1), tgt[k].flatten(), ignore_index=IGNORE, reduction="sum")
+              for k in range(3)]
+    torch.testing.assert_close(ref_sums, torch.stack(manual), rtol=1e-12, atol=1e-12)  # the reference itself
+    ref_grads = torch.autograd.grad((scale * ref_sums).sum(), (h1, w))
+    for grad_scale in (None, scale):  # per-head gradients, or the training path's single combined one
+        sums, counts = mtp_loss(h1, w, tgt, chunk_rows=chunk_rows, grad_scale=grad_scale)
+        assert torch.equal(counts, ref_counts)
+        torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad((scale * sums).sum(), (h1, w))
+        assert grads[0].shape == h1.shape
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    _, _, preds = mtp_eval(h1, w, tgt, chunk_rows=chunk_rows)  # every head's greedy token is head 1's
+    assert preds.shape == tgt.shape and all(torch.equal(preds[k], (h1[0] @ w.t()).argmax(-1)) for k in range(3))
+    sums, _ = mtp_loss(h1, w, tgt, chunk_rows=chunk_rows, grad_scale=scale)
+    with pytest.raises(RuntimeError, match="not proportional to grad_scale"):  # the combined gradient is checked too
+        torch.autograd.grad(sums.sum(), (h1, w))
+
+
+def test_shared_logits_cost_one_unembedding_whatever_the_heads():
+    # the training path (grad_scale given): the matmul FLOPs of 4 heads' targets equal those of 1 target; 4 states
+    # (parallel heads, or a shared state repeated) cost 4 times as much
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulFlops(TorchDispatchMode):  # torch's FlopCounterMode does not count the in-place addmm_
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm", "addmm_", "matmul", "bmm"):
+                a, b = args[:2] if name in ("mm", "matmul", "bmm") else args[1:3]
+                self.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+            return func(*args, **(kwargs or {}))
+    g = torch.Generator().manual_seed(0)
+    K, B, T, D, V = 4, 2, 16, 8, 50
+    h = torch.randn(1, B, T, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    tgt = mtp_targets(ids, torch.zeros(B, T, dtype=torch.int32), K)
+
+    def flops(hidden, targets):
+        scale = torch.ones(len(targets))
+        with MatmulFlops() as counter:
+            sums, _ = mtp_loss(hidden, w, targets, chunk_rows=8, grad_scale=scale)
+            torch.autograd.grad((scale * sums).sum(), (h, w))
+        return counter.flops
+    one, shared, repeated = flops(h, tgt[:1]), flops(h, tgt), flops(h.expand(K, B, T, D), tgt)
+    assert one == shared == 3 * 2 * B * T * V * D  # logits, the hidden gradient, the weight gradient
+    assert repeated == K * one
+
+
+def test_model_with_loss_for_each_style():
+    from model import MTP_STYLES, Model, ModelConfig
+    batch = pack([[EOT % 64] + list(range(1, 12)) + [EOT % 64], [EOT % 64, 5, 6, 7, EOT % 64]], 32)
+    batch["input_ids"] %= 64
+    tgt = mtp_targets(batch["input_ids"], batch["doc_ids"], 3)
+    for style in MTP_STYLES:
+        torch.manual_seed(0)
+        model = Model(ModelConfig(vocab_size=64, seq_len=32, n_layer=1, n_head=2, n_embd=16, n_experts=4, n_predict=3,
+                                  mtp_style=style)).double()
+        h = model(batch["input_ids"], doc_ids=batch["doc_ids"], position_ids=batch["position_ids"]).hidden
+        assert h.shape[0] == (1 if style == "shared" else 3)
+        out = ModelWithLoss(model)(batch, heads=[0, 2])
+        sums, counts = mtp_loss_reference(h if style == "shared" else h[[0, 2]], model.lm_head.weight, tgt[[0, 2]])
+        torch.testing.assert_close(out.sums, sums, rtol=1e-12, atol=1e-12)
+        assert out.counts.tolist() == counts.tolist() == [18 - 2 * 1, 18 - 2 * 3]

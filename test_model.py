@@ -1,14 +1,16 @@
-"""Tests of model.py on tiny configs (float64 where exact equality is wanted): packed rows equal their
-documents run alone, gradient isolation, padding ids, backends against references, router statistics
-over real tokens only, pure-padding rows, bad input, and no recompiles after warm-up."""
+"""Tests of model.py on tiny configs (float64 where exact equality is wanted), for each style of multi-token
+prediction where the heads matter: packed rows equal their documents run alone, gradient isolation, padding
+ids, heads subsets and their FLOPs by hand, backends against references, router statistics over real tokens
+only, pure-padding rows, bad input, and no recompiles after warm-up."""
 import pytest
 import torch
 
 from data import EOT, pack
 from loss import ModelWithLoss, mtp_loss, mtp_targets
-from model import Model, ModelConfig, doc_mask, experts_dense, experts_grouped, experts_loop
+from model import MTP_STYLES, Depth, Model, ModelConfig, doc_mask, experts_dense, experts_grouped, experts_loop
 
 V = 64
+per_style = pytest.mark.parametrize("style", MTP_STYLES)
 
 
 def tiny(**kw):
@@ -33,8 +35,9 @@ def run(model, b):
     return model(b["input_ids"], doc_ids=b["doc_ids"], position_ids=b["position_ids"])
 
 
-def test_packed_row_equals_each_document_alone():
-    model = make()
+@per_style
+def test_packed_row_equals_each_document_alone(style):
+    model = make(mtp_style=style)
     b, docs = docs_batch([10, 7, 9], 32)
     assert b["input_ids"].shape == (1, 32)
     packed = run(model, b).hidden  # (n_predict, 1, T, D)
@@ -44,8 +47,9 @@ def test_packed_row_equals_each_document_alone():
         torch.testing.assert_close(packed[:, 0, seg], alone[:, 0], rtol=1e-10, atol=1e-10)
 
 
-def test_changing_one_document_leaves_the_others_unchanged():
-    model = make()
+@per_style
+def test_changing_one_document_leaves_the_others_unchanged(style):
+    model = make(mtp_style=style)
     b, _ = docs_batch([10, 7, 9], 32)
     changed = {k: v.clone() for k, v in b.items()}
     seg_a = b["doc_ids"][0] == 1
@@ -56,8 +60,9 @@ def test_changing_one_document_leaves_the_others_unchanged():
     assert not torch.allclose(h1[:, 0, seg_a], h2[:, 0, seg_a])  # the test can fail: A itself did change
 
 
-def test_gradient_does_not_cross_documents():
-    model = make()
+@per_style
+def test_gradient_does_not_cross_documents(style):
+    model = make(mtp_style=style)
     b, _ = docs_batch([10, 7, 9], 32)
     emb = {}
     model.tok_emb.register_forward_hook(lambda m, i, o: emb.setdefault("x", o))
@@ -71,8 +76,9 @@ def test_gradient_does_not_cross_documents():
     assert g[0, in_doc].abs().sum() > 0
 
 
-def test_padding_ids_change_nothing():
-    model = make()
+@per_style
+def test_padding_ids_change_nothing(style):
+    model = make(mtp_style=style)
     b, _ = docs_batch([10, 7], 32)
     other = {k: v.clone() for k, v in b.items()}
     pad = ~b["attention_mask"]
@@ -84,10 +90,11 @@ def test_padding_ids_change_nothing():
     assert torch.equal(o1.expert_counts, o2.expert_counts)
 
 
-def test_attention_mask_only_means_one_document_per_row():
+@per_style
+def test_attention_mask_only_means_one_document_per_row(style):
     # a plain padded batch (the setting of the original bug report): each row's real tokens are one document,
     # so they must equal that row run alone, unpadded, as a plain sequence
-    model = make()
+    model = make(mtp_style=style)
     b, _ = docs_batch([12, 20], 20)  # two rows: one full, one with padding
     mask = b["attention_mask"]
     h = model(b["input_ids"], attention_mask=mask).hidden
@@ -97,17 +104,48 @@ def test_attention_mask_only_means_one_document_per_row():
         torch.testing.assert_close(h[:, row, :n], alone[:, 0], rtol=1e-12, atol=1e-12)
 
 
-def test_heads_subset_equals_the_full_run():
-    model = make()
+@per_style
+def test_heads_subset_equals_the_full_run(style):
+    model = make(mtp_style=style)
     b, _ = docs_batch([10, 7, 9], 32)
     full, part = run(model, b), model(**b, heads=[0, 2])
-    assert part.hidden.shape[0] == 2
-    torch.testing.assert_close(part.hidden, full.hidden[[0, 2]], rtol=0, atol=0)
-    assert model.flops_per_token(n_heads=1) < model.flops_per_token(n_heads=2) < model.flops_per_token()
-    cfg = model.cfg  # by hand: one head fewer drops one unembedding and one head block (and its attention)
-    head_block = sum(p.numel() for p in model.heads[0].parameters())
-    drop = 6 * (cfg.vocab_size * cfg.n_embd + head_block) + 12 * cfg.n_embd * cfg.seq_len
-    assert model.flops_per_token() - model.flops_per_token(n_heads=2) == drop
+    if style == "shared":  # one state, whatever the heads
+        assert part.hidden.shape[0] == full.hidden.shape[0] == 1
+        torch.testing.assert_close(part.hidden, full.hidden, rtol=0, atol=0)
+    else:
+        assert part.hidden.shape[0] == 2
+        torch.testing.assert_close(part.hidden, full.hidden[[0, 2]], rtol=0, atol=0)
+    assert model.head_modules_run([0, 2]) == {"parallel": {0, 2}, "sequential": {0, 1, 2}, "shared": {0}}[style]
+
+
+def test_flops_per_style_by_hand():
+    cfg = tiny()
+    D, T, lm = cfg.n_embd, cfg.seq_len, cfg.vocab_size * cfg.n_embd
+    models = {style: make(mtp_style=style) for style in MTP_STYLES}
+    block = sum(p.numel() for p in models["parallel"].heads[0].parameters())  # a dense head block
+    depth = sum(p.numel() for p in models["sequential"].heads[1].parameters())
+    assert depth == block + 2 * D * D + 2 * D  # the merge (2D -> D) and two norms on top of a block
+    # one head more costs its module, its unembedding and its attention
+    par, seq, sh = (models[s].flops_per_token for s in MTP_STYLES)
+    assert par() - par(n_heads=2) == 6 * (lm + block) + 12 * D * T
+    assert seq() - seq(n_heads=2) == 6 * (lm + depth) + 12 * D * T
+    assert seq(n_heads=1) == par(n_heads=1) == sh(n_heads=1)  # head 1 is the same block in every style
+    # heads 1 and 3: sequential runs depth 1 for depth 2 but unembeds two heads; parallel skips head 2 entirely
+    assert seq(heads=[0, 2]) == seq(n_heads=3) - 6 * lm
+    assert par(heads=[0, 2]) == par(n_heads=3) - 6 * (lm + block) - 12 * D * T
+    # shared logits: one block, one unembedding whatever the heads scored (their targets are gathers)
+    assert sh() == sh(n_heads=1) == par(n_heads=1)
+    assert par(n_heads=1) < seq() and par() < seq()
+
+
+def test_sequential_depths_are_modules_of_their_own():
+    model = make(mtp_style="sequential")
+    assert not isinstance(model.heads[0], Depth) and all(isinstance(m, Depth) for m in model.heads[1:])
+    assert len(model.heads) == model.cfg.n_predict and len(make(mtp_style="shared").heads) == 1
+    names = {n for n, _ in model.named_parameters()}
+    assert {"heads.1.merge.weight", "heads.1.norm_h.weight", "heads.1.norm_e.weight"} <= names
+    merge = model.heads[1].merge.weight  # initialized like any matrix, not scaled as a residual projection
+    assert merge.shape == (model.cfg.n_embd, 2 * model.cfg.n_embd) and 0.015 < merge.std() < 0.025
 
 
 def test_routing_is_float32_under_autocast():
@@ -136,9 +174,11 @@ def test_router_learns_from_the_language_model_loss(top_k):
     assert g.abs().max() > 1e-6
 
 
-def test_flex_attention_equals_sdpa():
+@pytest.mark.parametrize("style", ["parallel", "sequential"])  # a depth attends with the same mask
+def test_flex_attention_equals_sdpa(style):
     b, _ = docs_batch([10, 7, 9, 30, 5], 32)
-    ref, flex = make(dtype=torch.float32), make(dtype=torch.float32, attn_backend="flex")
+    ref = make(dtype=torch.float32, mtp_style=style)
+    flex = make(dtype=torch.float32, attn_backend="flex", mtp_style=style)
     with torch.no_grad():
         h_ref, h_flex = run(ref, b).hidden, run(flex, b).hidden
     real = b["attention_mask"]
@@ -179,8 +219,9 @@ def test_router_statistics_ignore_padding():
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
-def test_pure_padding_row_is_finite():
-    model = make()
+@per_style
+def test_pure_padding_row_is_finite(style):
+    model = make(mtp_style=style)
     b, _ = docs_batch([20, 32], 32)
     b = {k: torch.cat([v, v[:1]]) for k, v in b.items()}
     b["doc_ids"][2], b["attention_mask"][2], b["position_ids"][2] = -1, False, 0  # row 2: only padding
@@ -196,8 +237,9 @@ def test_doc_mask_by_hand():
     assert m.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
 
 
-def test_every_expert_gets_a_gradient():
-    model = make()
+@per_style
+def test_every_expert_gets_a_gradient(style):
+    model = make(mtp_style=style)
     b, _ = docs_batch([5], 8)
     run(model, b).hidden.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -218,6 +260,12 @@ def test_bad_config_and_input():
         model(torch.zeros(1, 40, dtype=torch.long))
     with pytest.raises(ValueError, match=r"doc_ids has shape \(1, 7\), expected \(1, 8\)"):
         model(ids, doc_ids=torch.zeros(1, 7, dtype=torch.int32))
+    with pytest.raises(ValueError, match="mtp_style='deepseek', expected 'parallel', 'sequential' or 'shared'"):
+        tiny(mtp_style="deepseek")
+    with pytest.raises(ValueError, match=r"heads=\[0, 3\], expected distinct head indices in \[0, n_predict=3\)"):
+        model(ids, heads=[0, 3])
+    with pytest.raises(ValueError, match=r"heads=\[\], expected"):
+        model(ids, heads=[])
 
 
 def test_gqa_and_counts():
@@ -231,9 +279,10 @@ def test_gqa_and_counts():
     assert active == total - routed + routed * cfg.top_k // cfg.n_experts
 
 
-def test_no_recompile_after_warmup():
+@pytest.mark.parametrize("style", ["parallel", "sequential"])  # shared logits compile head 1's block only
+def test_no_recompile_after_warmup(style):
     torch._dynamo.reset()
-    model = make(dtype=torch.float32)
+    model = make(dtype=torch.float32, mtp_style=style)
     model.compile_blocks(dynamic=False)
     try:  # varying routing and document counts; the row of [31] has padding, so the mask path again
         for i, lengths in enumerate([[10, 7, 9], [30, 2], [5, 5, 5, 5, 5], [31], [3, 12, 16]]):

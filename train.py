@@ -111,8 +111,8 @@ def main(cfg):
     env, loader, raw_model, fwd, opt, ckpt = prepare(c)
     log, stages = env.log, env.stages
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
-    stage_flops = [raw_model.flops_per_token(n_heads=sum(w > 0 for w in ws)) * tokens_per_step / env.world
-                   for _, ws in stages]  # model FLOPs of one step on one device, per stage
+    stage_flops = [raw_model.flops_per_token(heads=[k for k, w in enumerate(ws) if w > 0]) * tokens_per_step
+                   / env.world for _, ws in stages]  # model FLOPs of one step on one device, per stage
     peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
     announce(c, env, raw_model, tokens_per_step)
     stop_requested = []
@@ -476,8 +476,9 @@ def parallel(fwd, heads, c, env):
     """The module a training step calls: DDP over the running heads' parameters, FSDP's root, or fwd itself."""
     if not env.distributed or c.fsdp:
         return fwd  # FSDP2 needs nothing per stage: a unit that does not run gathers and reduces nothing
+    run = fwd.model.head_modules_run(heads)  # sequential: a depth runs, and learns, under every head above it
     for i, head in enumerate(fwd.model.heads):  # DDP requires every registered parameter to get a gradient
-        head.requires_grad_(i in heads)
+        head.requires_grad_(i in run)
     # Buffers are not broadcast: the expert biases are updated identically on every rank from all-reduced
     # counts (DDP still copies rank 0's once, here; they are equal anyway).
     DDP = torch.nn.parallel.DistributedDataParallel
