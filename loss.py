@@ -211,8 +211,11 @@ def head_agreement(preds, targets):
       correct (K), valid (K):   head k's greedy token equals its target, over its valid targets (accuracy);
       accepted (K-1), judged (K-1): head k's draft at t equals head 1's greedy token at t+k-1, over positions t
           where t+k-1 is in t's document (= head k-1 has a valid target at t): the draft survives verification;
-      run (1), positions (1):   sum over positions with a head-1 target of 1 + the number of consecutive
-          accepted drafts from head 2 on: tokens per forward of greedy self-speculative decoding."""
+      run (1), positions (1):   tokens and forwards of greedy self-speculative decoding, visiting positions as it
+          does: from each document's first position t, a forward yields 1 + the number of consecutive accepted
+          drafts from head 2 on, and the next forward is at t + that many. The judge is head 1's greedy token under
+          the true prefix (teacher forcing), where decoding has its own greedy prefix: an estimate, which
+          `sample.py --bench` measures for real."""
     K, B, T = preds.shape
     valid = targets != IGNORE
     correct = ((preds == targets) & valid).sum((1, 2))
@@ -220,9 +223,17 @@ def head_agreement(preds, targets):
     for j in range(1, min(K, T)):  # head j+1 drafts token t+j+1; head 1 at t+j is its judge
         accept[j - 1, :, :T - j] = (preds[j, :, :T - j] == preds[0, :, j:]) & valid[j - 1, :, :T - j]
     run = accept.long().cumprod(0).sum(0)  # (B, T); zeros when K = 1 (no drafts)
+    tokens = forwards = 0
+    for run_T, ok_T in zip(run.tolist(), valid[0].tolist()):  # the positions decoding visits (evaluation only)
+        t = 0
+        while t < T:
+            if not ok_T[t]:  # no head-1 target here: a document's last token, or padding
+                t += 1
+                continue
+            tokens, forwards, t = tokens + 1 + run_T[t], forwards + 1, t + 1 + run_T[t]
     pieces = dict(correct=correct, valid=valid.sum((1, 2)), accepted=accept.sum((1, 2)),
-                  judged=valid[:K - 1].sum((1, 2)), run=((1 + run) * valid[0]).sum()[None],
-                  positions=valid[0].sum()[None])
+                  judged=valid[:K - 1].sum((1, 2)), run=torch.tensor([tokens], device=preds.device),
+                  positions=torch.tensor([forwards], device=preds.device))
     return {k: v.double() for k, v in pieces.items()}
 
 

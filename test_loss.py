@@ -191,8 +191,10 @@ def test_head_agreement_by_hand():
     # head 2's draft at t vs head 1 at t+1, t = 0..3: (3 vs 9) (4 vs 4) (8 vs 5) (6 vs 7) -> 1 of 4
     # head 3's draft at t vs head 1 at t+2, t = 0..2: (9 vs 4) (5 vs 5) (1 vs 7) -> 1 of 3
     assert a["accepted"].tolist() == [1, 1] and a["judged"].tolist() == [4, 3]
-    # tokens per forward at t = 0..3: 1 + (0, 2, 0, 0) consecutive accepted drafts -> 6 / 4 = 1.5
-    assert a["run"].tolist() == [6] and a["positions"].tolist() == [4]
+    # consecutive accepted drafts at t = 0..3: (0, 2, 0, 0). Decoding visits t = 0 (1 token), then t = 1 (1 + 2
+    # tokens), then t = 4, the document's last token: done. 4 tokens in 2 forwards = 2.0 (averaging 1 + run over
+    # every position, 6 / 4 = 1.5, is not what decoding gets)
+    assert a["run"].tolist() == [4] and a["positions"].tolist() == [2]
 
 
 def test_model_with_loss_is_the_glue_written_out():

@@ -295,12 +295,13 @@ def evaluate(fwd, c, env, corpus, weights):
     s = all_reduce_named(tot, env.distributed)
     ratio = lambda a, b: [x / y if y else None for x, y in zip(s[a].tolist(), s[b].tolist())]  # noqa: E731
     losses = per_head(s["sums"], s["counts"], range(n), n)
+    drafts = c.mtp_style != "shared"  # shared logits: every head's greedy token is head 1's, nothing drafts
     weights = torch.tensor(weights, dtype=torch.float64, device=s["sums"].device)
     return dict(val_loss=objective(s["sums"], s["counts"], weights).item(),
                 val_nt_loss=losses[0], **{f"val_loss_h{k + 1}": v for k, v in enumerate(losses)},
                 **{f"val_acc_h{k + 1}": v for k, v in enumerate(ratio("correct", "valid"))},
-                **{f"val_accept_h{k + 2}": v for k, v in enumerate(ratio("accepted", "judged"))},
-                val_tokens_per_forward=ratio("run", "positions")[0])
+                **{f"val_accept_h{k + 2}": v if drafts else None for k, v in enumerate(ratio("accepted", "judged"))},
+                val_tokens_per_forward=ratio("run", "positions")[0] if drafts else 1.0)
 
 
 # ----------------------------------------------------------------------------- the end of the run
