@@ -22,6 +22,7 @@ token and the drafts of depths 1..j-1, each depth with its own KV cache); shared
 with (head k scores head 1's own logits), so speculative decoding is plain decoding there, said once on stderr.
 """
 import codecs
+import math
 import statistics
 import sys
 import time
@@ -52,11 +53,14 @@ DEFAULTS = dict(
 
 
 def probs_from(logits, temperature, top_k, top_p):
-    """Logits (..., V) -> sampling distribution at temperature > 0 (greedy decoding reads the logits' argmax
-    instead); ids >= 50257 (vocabulary padding) never come out."""
-    logits = logits.float().clone()
+    """Logits (..., V) -> sampling distribution (float32) at temperature > 0 (greedy decoding reads the logits'
+    argmax instead); ids >= 50257 (vocabulary padding) never come out. A temperature so small that logits /
+    temperature would overflow (1e-45) gives its limit, greedy: all mass on the largest logit (shared among exact
+    ties). So the largest logit is subtracted first (the quotients are then <= 0, never inf - inf = NaN), in
+    float64, where a temperature that is > 0 as a Python float is > 0 too (in float32 1e-50 would be 0, and 0 / 0)."""
+    logits = logits.double()  # a copy: the caller's logits stay as they are
     logits[..., GPT2_VOCAB:] = float("-inf")
-    logits = logits / temperature
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -66,13 +70,17 @@ def probs_from(logits, temperature, top_k, top_p):
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return probs.float()
 
 
 def pick(probs, gen):
     """A token from probs (V,). Random draws happen on the CPU, on purpose: the token is read by the host
     anyway, one CPU generator serves every device, and a seed gives the same draws on a CPU and a GPU."""
-    return int(torch.multinomial(probs.to("cpu", torch.float32), 1, generator=gen))
+    probs = probs.to("cpu", torch.float32)
+    if not (torch.isfinite(probs).all() and probs.min() >= 0 and probs.sum() > 0):  # multinomial's traceback instead
+        raise ValueError("the sampling distribution holds NaN, inf or no mass: the model's logits are not finite "
+                         "(a damaged checkpoint?)")
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 class DraftPolicy:
@@ -239,9 +247,11 @@ def make_drafts(model, cache, heads_nD, nxt, n, dist, gen):
 def check_settings(c):
     for k, ok, expected in (("max_new_tokens", c["max_new_tokens"] >= 1, ">= 1"),
                             ("num_samples", c["num_samples"] >= 1, ">= 1"),
-                            ("temperature", c["temperature"] >= 0, ">= 0 (0 is greedy)"),
+                            ("temperature", 0 <= c["temperature"] < math.inf, "finite and >= 0 (0 is greedy)"),
                             ("top_k", c["top_k"] >= 0, ">= 0"), ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"),
-                            ("bench_prompts", c["bench_prompts"] >= 1, ">= 1")):
+                            ("bench_prompts", c["bench_prompts"] >= 1, ">= 1"),
+                            # torch.Generator takes seeds below 2**64; sample s draws plainly from seed + s
+                            ("seed", 0 <= c["seed"] < 2**63, "0 <= seed < 2**63")):
         if not ok:
             raise ValueError(f"{k}={c[k]}, expected {expected}")
 
@@ -260,19 +270,42 @@ def read_prompt(text):
     return text
 
 
+def held_out(state):
+    """The checkpoint's held-out documents -> (corpus, their ids), rebuilt from its `data` and checked against the
+    data fingerprint it was trained on: the split of other data (another Python's standard library for the
+    default corpus, a folder that changed since) may hold other documents, training ones among them."""
+    cfg = state["config"]
+    corpus = Corpus(cfg["data"], cache_dir=cfg.get("cache_dir") or None, quiet=True)
+    trained_on = cfg.get("data_fingerprint")
+    if trained_on is None:
+        print(f"warning: the checkpoint has no data_fingerprint: cannot check that data={cfg['data']!r} still holds "
+              f"the documents it was trained on; going on", file=sys.stderr)
+    elif corpus.fingerprint != trained_on:
+        raise ValueError(f"bench: data={cfg['data']!r} has fingerprint {corpus.fingerprint}, the checkpoint was "
+                         f"trained on {trained_on}: its held-out split would be other documents")
+    return corpus, corpus.split("val", cfg["val_fraction"])
+
+
+def first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def bench(model, state, c, prompt_len=32, stride=1024):
     """Plain vs speculative greedy decoding on prompt_len-token prompts from the checkpoint's own held-out
     documents (the same set every time: each document's start, then a prompt every `stride` tokens, taken
-    round-robin over the documents), one after the other per prompt, so drift hits both alike."""
-    cfg = state["config"]
-    corpus = Corpus(cfg["data"], cache_dir=cfg.get("cache_dir") or None, quiet=True)
-    docs = corpus.split("val", cfg["val_fraction"])
+    round-robin over the documents), one after the other per prompt, so drift hits both alike. Prompts take at
+    most half the model's context, so a small model gets shorter ones, and leaves room to decode. Speculative
+    greedy output should be plain greedy's, but float32 near-ties (1.8e-7 apart measured) can flip an argmax
+    between a one-token and a several-token forward: a difference is counted and shown, not fatal."""
+    prompt_len = min(prompt_len, model.cfg.seq_len // 2)
+    corpus, docs = held_out(state)
     starts = [(d, o) for o in range(0, int(corpus.length[docs].max()), stride) for d in docs
               if o + prompt_len < corpus.length[d]][:c["bench_prompts"]]  # o = 0: the document's own EOT leads
     if len(starts) < c["bench_prompts"]:
-        raise ValueError(f"bench: the held-out documents give {len(starts)} prompts, {c['bench_prompts']} asked")
+        raise ValueError(f"bench: the held-out documents give {len(starts)} prompts of {prompt_len} tokens, "
+                         f"bench_prompts={c['bench_prompts']} asked")
     generate(model, corpus.tokens(*starts[0], prompt_len).tolist(), 8, speculative=True)  # warm-up
-    rows = []
+    rows, mismatches = [], []  # mismatches: (document, offset, first differing position of the new tokens)
     for d, o in starts:
         if o == 0:
             prompt = corpus.tokens(d, o, prompt_len).tolist()
@@ -281,19 +314,23 @@ def bench(model, state, c, prompt_len=32, stride=1024):
         plain_ids, plain = generate(model, prompt, c["max_new_tokens"])
         spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True)
         if spec_ids != plain_ids:
-            raise RuntimeError(f"document {d} at {o}: speculative greedy output differs from plain greedy")
+            mismatches.append((int(d), o, first_difference(spec_ids, plain_ids)))
         rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"]))
     q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     speedups = [s / p for p, s, _ in rows]
     lo, med, hi = q(speedups)
+    same = ("speculative output identical to plain on every prompt" if not mismatches else
+            f"speculative output differs from plain on {len(mismatches)} of {len(rows)} prompts (float near-ties in "
+            f"an argmax), at (document, offset, first differing new token): "
+            + ", ".join(f"({d}, {o}, {i})" for d, o, i in mismatches))
     print(f"{len(rows)} held-out prompts of {prompt_len} tokens, up to {c['max_new_tokens']} new tokens, greedy; "
-          f"speculative output identical to plain on every prompt", file=sys.stderr)
+          f"{same}", file=sys.stderr)
     print(f"plain decoding: {statistics.median(r[0] for r in rows):.1f} tokens/s (median); speculative: "
           f"{statistics.median(r[1] for r in rows):.1f} tokens/s, {statistics.median(r[2] for r in rows):.2f} tokens "
           f"per forward (median)", file=sys.stderr)
     print(f"speedup: median {med:.2f}x, quartiles {lo:.2f}-{hi:.2f}x, range {min(speedups):.2f}-{max(speedups):.2f}x",
           file=sys.stderr)
-    return dict(speedup_median=med, speedup_quartiles=(lo, hi),
+    return dict(speedup_median=med, speedup_quartiles=(lo, hi), mismatches=mismatches,
                 tokens_per_forward=statistics.median(r[2] for r in rows))
 
 
@@ -307,6 +344,10 @@ def main(c):
         return bench(model, state, c)
     enc = get_tokenizer()
     prompt = [EOT] + enc.encode_ordinary(text)  # EOT begins every document, as in training
+    if len(prompt) >= model.cfg.seq_len:  # said before the prompt is echoed to stdout
+        where = "" if c["prompt"] in ("-", text) else f" ({c['prompt']})"
+        raise ValueError(f"prompt{where} has {len(prompt)} tokens with the leading EOT, the model's context is "
+                         f"seq_len={model.cfg.seq_len}: give fewer than {model.cfg.seq_len - 1} tokens of text")
     print(f"prompt {len(prompt)} tokens", file=sys.stderr)
     gen = torch.Generator().manual_seed(c["seed"])
     for s in range(c["num_samples"]):

@@ -247,6 +247,26 @@ def test_speculative_sampling_keeps_head_1_distribution(trained, request, monkey
     assert tv < 0.05, (tv, exact, counts / n)
 
 
+def test_tiny_temperature_is_greedy_and_nan_never_reaches_multinomial(cyclic_model):
+    # logits / 1e-45 overflow float32: the naive softmax gives NaN (the negative control), which multinomial refused
+    # with a traceback; the distribution must be its limit, all mass on the argmax
+    logits = torch.tensor([[1.0, 3.0, 2.5, -1.0], [0.5, 0.25, 0.5 + 2e-7, 0.0]])
+    assert torch.isnan((logits / 1e-45).softmax(-1)).any()
+    for t in (1e-45, 1e-50, 1e-320):  # 1e-50 and 1e-320 are 0 in float32
+        p = probs_from(logits, t, 0, 1.0)
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(probs_from(logits, 1.0, 0, 1.0), logits.softmax(-1))  # usual temperatures unchanged
+    model, _ = cyclic_model
+    greedy = generate(model, [9, 2], 30)[0]
+    for spec in (False, True):
+        assert generate(model, [9, 2], 30, temperature=1e-45, gen=torch.Generator().manual_seed(0),
+                        speculative=spec)[0] == greedy
+    for bad in (torch.tensor([0.5, float("nan")]), torch.zeros(2), torch.tensor([float("inf"), 1.0])):
+        with pytest.raises(ValueError, match="sampling distribution holds NaN, inf or no mass"):
+            sample.pick(bad, torch.Generator().manual_seed(0))
+
+
 def test_shared_logits_decode_plainly_and_say_so_once(capsys):
     model = tiny(style="shared").eval()
     for _ in range(2):
@@ -269,6 +289,49 @@ def test_bench_runs_for_every_style(trained_dir, capsys):
         if style == "shared":
             assert r["tokens_per_forward"] == 1.0
     assert capsys.readouterr().err.count("speculative output identical to plain on every prompt") == 3
+    # seq_len 32: bench's prompts are half the context (16 tokens); 32-token prompts left no room and were refused
+    # as if the user had given "a prompt of 32 tokens"
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**{**fields, "seq_len": 32})).eval()
+    r = sample.bench(model, state, dict(bench_prompts=2, max_new_tokens=6))
+    assert r["mismatches"] == [] and "2 held-out prompts of 16 tokens" in capsys.readouterr().err
+
+
+def test_bench_counts_speculative_differences_instead_of_failing(trained_dir, capsys, monkeypatch):
+    # a float32 near-tie can flip an argmax between a one-token and a several-token forward: one prompt's
+    # difference must be reported with where it is, not abort the bench (it raised RuntimeError)
+    import checkpoint
+    _, state = checkpoint.find_resume(str(trained_dir), "")
+    model = checkpoint.load_model(str(trained_dir), "", "cpu")[0]
+    real, calls, first = sample.generate, [], []
+
+    def flaky(model, prompt, n, speculative=False, **kw):
+        ids, stats = real(model, prompt, n, speculative=speculative, **kw)
+        calls.append(speculative)
+        if speculative and len(calls) == 5:  # the second prompt's speculative run (after the warm-up)
+            first.append(min(3, len(ids)))  # an EOT may end the output before its 4th token
+            ids = ids[:3] + [-1]
+        return ids, stats
+    monkeypatch.setattr(sample, "generate", flaky)
+    r = sample.bench(model, state, dict(bench_prompts=3, max_new_tokens=6))
+    assert len(r["mismatches"]) == 1 and r["mismatches"][0][2] == first[0], (r["mismatches"], first)
+    d, o, i = r["mismatches"][0]
+    assert "differs from plain on 1 of 3 prompts" in (err := capsys.readouterr().err) and f"({d}, {o}, {i})" in err
+
+
+def test_bench_checks_the_data_fingerprint(trained_dir, capsys):
+    # the held-out split is rebuilt from the checkpoint's `data`: other data would give other (maybe training) docs
+    import checkpoint
+    _, state = checkpoint.find_resume(str(trained_dir), "")
+    model = checkpoint.load_model(str(trained_dir), "", "cpu")[0]
+    assert state["config"]["data_fingerprint"]
+    other = copy.deepcopy(state)
+    other["config"]["data_fingerprint"] = "0123456789abcdef"
+    with pytest.raises(ValueError, match="has fingerprint [0-9a-f]+, the checkpoint was trained on 0123456789abcdef"):
+        sample.bench(model, other, dict(bench_prompts=1, max_new_tokens=2))
+    del other["config"]["data_fingerprint"]  # an older checkpoint: said, and the bench goes on
+    sample.bench(model, other, dict(bench_prompts=1, max_new_tokens=2))
+    assert "warning: the checkpoint has no data_fingerprint" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -285,21 +348,36 @@ def sample_cli(*args):
 
 
 def test_cli_end_to_end(trained_dir):
-    r = sample_cli(f"--out_dir={trained_dir}", "--prompt=import os", "--max_new_tokens=20", "--temperature=0")
+    greedy = r = sample_cli(f"--out_dir={trained_dir}", "--prompt=import os", "--max_new_tokens=20", "--temperature=0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("import os") and "tokens/s" in r.stderr and "identical to plain greedy: True" in r.stderr
     r = sample_cli(f"--out_dir={trained_dir}", "--prompt=")
     assert r.returncode == 2 and "empty prompt" in r.stderr
     r = sample_cli(f"--out_dir={trained_dir}", "--prompt=" + "x " * 80)
     assert r.returncode == 2 and "the model's context is seq_len=64" in r.stderr
-    r = sample_cli(f"--out_dir={trained_dir / 'nothing'}")
-    assert r.returncode == 2 and "no such folder" in r.stderr
+    nothing = trained_dir / "nothing"
+    r = sample_cli(f"--out_dir={nothing}")  # a sample.py setting named, not train.py's init_from
+    assert r.returncode == 2 and r.stderr == f"error: out_dir={str(nothing)!r}: no such folder (where train.py wrote " \
+        "its checkpoints)\n", r.stderr
+    r = sample_cli(f"--out_dir={trained_dir}", "--prompt=import os", "--max_new_tokens=20", "--temperature=1e-45")
+    assert r.returncode == 0 and r.stdout == greedy.stdout, r.stderr  # its limit: greedy, not multinomial's traceback
+
+
+def test_cli_too_long_file_prompt_is_refused_before_stdout(trained_dir, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("x " * 80)
+    r = sample_cli(f"--out_dir={trained_dir}", f"--prompt=FILE:{long}")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("error:") == 1, (r.stdout, r.stderr)
+    assert f"error: prompt (FILE:{long}) has 82 tokens with the leading EOT" in r.stderr and "seq_len=64" in r.stderr
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--temperature=-1", "temperature=-1.0, expected >= 0"), ("--top_p=-0.5", "top_p=-0.5, expected in (0, 1]"),
+    ("--temperature=-1", "temperature=-1.0, expected finite and >= 0"),
+    ("--top_p=-0.5", "top_p=-0.5, expected in (0, 1]"),
     ("--max_new_tokens=0", "max_new_tokens=0, expected >= 1"), ("--num_samples=0", "num_samples=0, expected >= 1"),
-    ("--top_k=-3", "top_k=-3, expected >= 0"),
+    ("--top_k=-3", "top_k=-3, expected >= 0"), ("--temperature=1e999", "temperature=inf, expected finite and >= 0"),
+    ("--seed=-1", "seed=-1, expected 0 <= seed < 2**63"), ("--seed=1e23", "seed=1e+23 is float"),
+    (f"--seed={2**63}", f"seed={2**63}, expected 0 <= seed < 2**63"),
     ("--prompt=FILE:/nonexistent/p.txt", "FILE:/nonexistent/p.txt: cannot read"),
     ("--device=foo", "device='foo', expected"), ("--device=mps", "device='mps', expected"),
     ("--temp=1", "unknown setting 'temp'; did you mean temperature")])
