@@ -29,7 +29,8 @@ import train
 from settings import parse_config
 
 HERE = Path(__file__).parent
-TINY = ["--seq_len=32", "--n_embd=32", "--n_head=2", "--n_layer=1", "--batch_size=2", "--eval_iters=1",
+TINY = ["--optimizer=adamw", "--learning_rate=3e-3",  # the tests' optimizer (test_fsdp.py tests Muon's guarantees)
+        "--seq_len=32", "--n_embd=32", "--n_head=2", "--n_layer=1", "--batch_size=2", "--eval_iters=1",
         "--log_interval=1", "--eval_interval=100", "--warmup_iters=2", "--mtp_schedule=1,1,1,1"]  # 4 heads throughout
 LAUNCHER = """import os, sys
 sys.path.insert(0, {here!r})
@@ -461,7 +462,7 @@ def test_host_syncs_of_a_training_step(tmp_path, monkeypatch):
     from model import Model
     monkeypatch.setattr(Model, "check_inputs", lambda self, *a: None)
     base = ["--moe_backend=grouped", "--log_interval=1000", "--eval_interval=1000", "--grad_accum_steps=2",
-            "--mtp_schedule=1,1,1,1", f"--out_dir={tmp_path}/x"] + TINY[:5]
+            "--mtp_schedule=1,1,1,1", f"--out_dir={tmp_path}/x"] + TINY[:7]
     from data import PackedLoader
     from loss import ModelWithLoss, count_targets, step_coefficients
     from model import ModelConfig
@@ -651,3 +652,10 @@ def test_metrics_after_a_cut_line_and_on_a_full_disk(tmp_path):
     os.symlink("/dev/full", tmp_path / "full" / "metrics.jsonl")
     log = train_run(tmp_path / "full", "--max_iters=2", ok=False, code=1)
     assert re.search(r"error: No space left on device writing \S+metrics.jsonl", log) and "Traceback" not in log, log
+
+
+def test_schedule_notes_for_heads_never_trained_and_stages_without_steps(tmp_path):
+    log = train_run(tmp_path / "a", "--max_iters=2", "--n_predict=6", "--mtp_schedule=1,1,1,1;1@0.5;1")
+    assert "note: heads [5, 6] have weight 0 in every stage" in log, log[-3000:]
+    # free stages share the half that stage 2 leaves: starts 0, ceil(0.25 * 2) = 1, ceil(0.75 * 2) = 2 = max_iters
+    assert "note: stages [3] of mtp_schedule get no step with max_iters=2" in log, log[-3000:]

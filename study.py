@@ -1,0 +1,99 @@
+"""study.py: training runs compared side by side, one command per table, raw results kept in the repo.
+
+    python study.py --study=muon                # AdamW against Muon, learning rates swept, default model and corpus
+    python study.py --study=muon --rows=adamw_3e-3,muon_3e-3   # only these rows
+    python study.py --study=muon --table        # print the table from study_results.json, run nothing
+
+Each row is one `python train.py ...` run in its own out_dir under study_runs/ (same seed, default corpus). Its
+result (steps, wall time, final held-out next-token loss, tokens per forward) is appended to study_results.json
+as soon as it finishes, so a study can span several sittings and the table is rebuilt without rerunning: a row
+already in the file is skipped. Wall times are those of the machine the row ran on; the float32 matmul rate
+(bench.matmul_peak) is recorded beside each row, since these machines differ by 2x.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "study_results.json"
+
+# the rows of each study: name -> train.py arguments (beyond --out_dir); the default run is 240 steps
+STUDIES = {
+    "muon": {
+        **{f"{opt}_{lr}": [f"--optimizer={opt}", f"--learning_rate={lr}"]
+           for opt in ("adamw", "muon") for lr in ("3e-3", "6e-3", "1.2e-2", "2.4e-2", "4.8e-2")},
+        **{f"larger_{opt}_{lr}": [f"--optimizer={opt}", f"--learning_rate={lr}", "--n_embd=256", "--n_layer=4",
+                                  "--n_head=8", "--max_iters=120", "--eval_interval=60"]
+           for opt, lr in (("adamw", "3e-3"), ("muon", "3e-3"))},
+    },
+}
+
+
+def matmul_gflops():
+    import torch
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 2 * 2048**3 * 5 / (time.perf_counter() - t0) / 1e9
+
+
+def run_row(study, name, args):
+    out = HERE / "study_runs" / study / name
+    cmd = [sys.executable, "train.py", f"--out_dir={out}", "--overwrite=True", *args]
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    wall = time.time() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"error: row {name} failed (exit {p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    return row_result(study, name, args, out, wall)
+
+
+def row_result(study, name, args, out, wall):
+    """A finished run's row, read from its metrics.jsonl."""
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in recs if "loss" in r]
+    last_eval = [r for r in recs if "val_nt_loss" in r][-1]
+    return dict(study=study, row=name, args=args, steps=train[-1]["step"], wall_s=wall and round(wall, 1),
+                train_s=round(train[-1]["elapsed_s"], 1), val_nt_loss=last_eval["val_nt_loss"],
+                val_tokens_per_forward=last_eval["val_tokens_per_forward"],
+                tokens_per_s=sorted(r["tokens_per_s"] for r in train if r["tokens_per_s"])[len(train) // 2],
+                matmul_gflops=round(matmul_gflops()), when=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def table(study, results):
+    rows = [r for r in results if r["study"] == study]
+    print(f"{'row':22s} {'arguments':62s} {'steps':>5s} {'time':>7s} {'val_nt_loss':>11s} {'tok/fwd':>7s} "
+          f"{'tok/s':>6s} {'matmul':>7s}")
+    for r in sorted(rows, key=lambda r: r["row"]):
+        print(f"{r['row']:22s} {' '.join(r['args']):62s} {r['steps']:5d} {r['train_s']:6.0f}s {r['val_nt_loss']:11.4f} "
+              f"{r['val_tokens_per_forward']:7.2f} {r['tokens_per_s']:6.0f} {r['matmul_gflops']:4d} GF/s")
+
+
+def main(argv):
+    opts = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in argv if a.startswith("--"))
+    study = opts.get("study", "muon")
+    if study not in STUDIES:
+        raise SystemExit(f"error: --study={study!r}, expected one of {', '.join(STUDIES)}")
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    if "table" not in opts:
+        wanted = opts["rows"].split(",") if "rows" in opts else list(STUDIES[study])
+        unknown = [w for w in wanted if w not in STUDIES[study]]
+        if unknown:
+            raise SystemExit(f"error: --rows: {', '.join(unknown)} not in study {study} ({', '.join(STUDIES[study])})")
+        for name in wanted:
+            if any(r["study"] == study and r["row"] == name for r in results):
+                continue
+            row = run_row(study, name, STUDIES[study][name])
+            results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []  # another study.py may have
+            RESULTS.write_text(json.dumps(results + [row], indent=1) + "\n")  # written meanwhile
+            results.append(row)
+    table(study, results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
