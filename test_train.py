@@ -659,3 +659,23 @@ def test_schedule_notes_for_heads_never_trained_and_stages_without_steps(tmp_pat
     assert "note: heads [5, 6] have weight 0 in every stage" in log, log[-3000:]
     # free stages share the half that stage 2 leaves: starts 0, ceil(0.25 * 2) = 1, ceil(0.75 * 2) = 2 = max_iters
     assert "note: stages [3] of mtp_schedule get no step with max_iters=2" in log, log[-3000:]
+
+
+COUNT_DDP = """
+DDP = torch.nn.parallel.DistributedDataParallel
+init = DDP.__init__
+def counted(self, *a, **kw):
+    init(self, *a, **kw)
+    if RANK == 0:
+        print("DDP built", flush=True)
+DDP.__init__ = counted
+"""
+
+
+def test_ddp_is_rebuilt_only_when_the_heads_change_and_user_errors_print_once(tmp_path):
+    # stages 1 and 2 run the same heads (other weights): one DDP for both; stage 3 drops head 2: a second one
+    log = train_run(tmp_path / "a", "--max_iters=3", "--mtp_schedule=1,1;1,.5;1", "--n_predict=2", nproc=2,
+                    patch=COUNT_DDP)
+    assert log.count("DDP built") == 2 and "replicas identical: True" in log, log[-3000:]
+    log = train_run(tmp_path / "b", "--batch_size=0", nproc=2, ok=False)  # every rank finds it: rank 0 says it
+    assert log.count("error: batch_size=0, expected >= 1") == 1, log[-3000:]
