@@ -3,6 +3,7 @@
     python bench.py            # a table (about 3 minutes on 2 CPU cores at 274 GFLOP/s; 5 at 170)
     python bench.py --json     # the same figures as one JSON object
     python bench.py --quick    # fewer repetitions, smaller sizes (a smoke run)
+    python bench.py --decode   # the decoding rows alone (half a minute): a forward with drafts / a plain one
 
 Medians over repetitions after warm-up; where two things are compared, the ratio is measured in the same
 run, since these machines are shared and absolute times drift. Peak memory of the loss variants is the
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 
 import data
 import muon
+import sample
 import train
 from loss import CHUNK_ELEMS, ModelWithLoss, count_targets, mtp_loss, step_coefficients
 from model import (
+    KVCache,
     Model,
     ModelConfig,
     doc_mask,
@@ -221,7 +224,83 @@ def loader_bench(train_tokens_per_s):
     return dict(rows_per_s=n * 8 / sec, tokens_per_s=real / sec, ratio_to_training=real / sec / train_tokens_per_s)
 
 
+def decode_bench(style=None, reps=15 if QUICK else 60, prompt=64):
+    """Milliseconds of one decoding forward of the default model, or of its `style` of heads (random weights: times do
+    not depend on them), as sample.py's generate() computes it (bench.py imports sample.py on purpose, to time its
+    own steps): plain, 1 token fed, head 1 and its logits; with d drafts, the next token and d drafts fed, verified
+    (verify_logits()), the cache rolled back to the kept ones, and the next d drafted (make_drafts()), when every
+    draft holds (parallel heads: one pass over the unembedding) and when the first fails (a second pass, at the
+    position before it); parallel heads also with each drafting head on its own module (the batched block's
+    saving). The KV cache is rolled back to a prompt of `prompt` tokens before each; the cases are interleaved rep
+    by rep and the medians compared, so the ratios hold on a busy machine."""
+    torch.manual_seed(0)
+    cfg = ModelConfig() if style is None else replace(ModelConfig(), mtp_style=style)
+    model = Model(cfg).to(DEV).eval()
+    n, parallel = cfg.n_predict - 1, cfg.mtp_style == "parallel"
+    cache = KVCache(model, cfg.seq_len, vocab=data.GPT2_VOCAB)
+    with torch.no_grad():
+        model(torch.randint(0, data.GPT2_VOCAB, (1, prompt), device=DEV), kv_cache=cache)
+
+    def forward(d, kept=None, batched=True):
+        cache.truncate(prompt)
+        drafters, cache.drafters = cache.drafters, cache.drafters if batched else None
+        heads = range(d + 1) if parallel else [0]
+        hidden = model(torch.arange(1, d + 2, device=DEV)[None], kv_cache=cache, heads=heads).hidden[:, 0]
+        cache.drafters = drafters
+        head1, ahead = sample.verify_logits(model, cache, hidden, 0)
+        best = head1.argmax(-1).tolist()  # the host reads the tokens, as generate() does
+        if d:
+            kept = d if kept is None else kept
+            cache.truncate(prompt + kept + 1)
+            sample.make_drafts(model, cache, hidden[1:, kept], best[kept], d, None, None, ahead if kept == d else None)
+    cases = {"plain": lambda: forward(0)}
+    for d in range(1, n + 1):
+        cases[f"{d}_held"], cases[f"{d}_first_fails"] = (lambda d=d: forward(d)), (lambda d=d: forward(d, kept=0))
+    if parallel:
+        cases[f"{n}_held_heads_one_by_one"] = lambda: forward(n, batched=False)
+    times = {k: [] for k in cases}
+    with torch.no_grad():
+        for f in cases.values():
+            f()
+        for _ in range(reps):
+            for k, f in cases.items():
+                sync()
+                t0 = time.perf_counter()
+                f()
+                sync()
+                times[k].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return dict(style=cfg.mtp_style, ms=ms, ratio={k: v / ms["plain"] for k, v in ms.items()}, reps=reps, n_drafts=n)
+
+
+def decode_styles():
+    """The decoding rows for parallel heads (the style whose drafts come with the verify forward) and for the default
+    style when it is another."""
+    styles = ["parallel"] + ([ModelConfig().mtp_style] if ModelConfig().mtp_style not in ("parallel", "shared") else [])
+    return [decode_bench(s) for s in styles]
+
+
+def report_decode(rows):
+    for r in rows:
+        n, ms, ratio = r["n_drafts"], r["ms"], r["ratio"]
+        default = " (the default)" if r["style"] == ModelConfig().mtp_style else ""
+        print(f"\ndecoding forward, default model with {r['style']} heads{default}, median of {r['reps']} "
+              "interleaved reps (sample.py's steps)")
+        print(f"  plain (1 token, head 1, its logits): {ms['plain']:.2f} ms; with {n} drafts (verify them, draft the "
+              f"next {n}): {ms[f'{n}_held']:.2f} ms = {ratio[f'{n}_held']:.2f}x plain when every draft holds, "
+              f"{ms[f'{n}_first_fails']:.2f} ms = {ratio[f'{n}_first_fails']:.2f}x when the first fails")
+        one_by_one = f"{n}_held_heads_one_by_one"
+        print("  by drafts, x plain, every draft holds / the first fails: " + ", ".join(
+            f"{d}: {ratio[f'{d}_held']:.2f} / {ratio[f'{d}_first_fails']:.2f}" for d in range(1, n + 1))
+            + (f"; {n} drafts with each drafting head on its own module: {ratio[one_by_one]:.2f}x"
+               if one_by_one in ratio else ""))
+
+
 def main():
+    if "--decode" in sys.argv:
+        print(f"float32 matmul {matmul_peak()['float32'] / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads")
+        report_decode(decode_styles())
+        return
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
         # a fresh compile cache, so that "first step" of the compiled case is what a fresh machine pays
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
@@ -255,6 +334,7 @@ def measure():
     res["loss_chunk_s"] = chunk_bench()
     res["moe_dispatch_s"] = moe_bench()
     res["attention_s"] = attention_bench()
+    res["decode"] = decode_styles()
     res["seconds"] = time.time() - t_start
     return res
 
@@ -304,6 +384,7 @@ def report(res):
     for T, r in res["attention_s"].items():
         print(f"attention T={T}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r.items())
               + f"; masked / causal {r['masked_sdpa'] / r['causal_sdpa']:.2f}x")
+    report_decode(res["decode"])
     print(f"\n({res['seconds']:.0f}s in all)")
 
 

@@ -44,6 +44,13 @@ import torch
 from model import Model, ModelConfig
 
 MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
+# what a checkpoint written before these fields existed was (their defaults have changed since)
+PREDATED = dict(mtp_style="parallel", mtp_detach=False)
+
+
+def model_config(saved):
+    """A checkpoint's config dict -> its ModelConfig (fields it predates: PREDATED, else today's default)."""
+    return ModelConfig(**{**PREDATED, **{k: saved[k] for k in MODEL_FIELDS if k in saved}})
 LOCK_NOTE = "this file is the lock of a running train.py; it is released when the process ends; do not delete it"
 
 
@@ -427,7 +434,7 @@ def load_model(out_dir, ckpt, device):
         raise ValueError(f"out_dir={str(out_dir)!r}: no such folder (where train.py wrote its checkpoints)")
     path, state = find_resume(out_dir, ckpt)
     try:
-        model = Model(ModelConfig(**{k: state["config"][k] for k in MODEL_FIELDS if k in state["config"]}))
+        model = Model(model_config(state["config"]))
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path}: not a model checkpoint of this train.py ({type(e).__name__}: "

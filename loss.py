@@ -49,9 +49,37 @@ def mtp_targets(input_ids, doc_ids, n_predict):
     return out
 
 
-def count_targets(batch, n_predict):
-    """-> (n_predict,) int64 valid targets per head; needs no model, so counts can be all-reduced early."""
-    return (mtp_targets(batch["input_ids"], batch["doc_ids"], n_predict) != IGNORE).sum((1, 2))
+def sampled_columns(batch, rate):
+    """-> (B, m) int64, m = round(rate * T) (at least 1): the columns of each row where the drafting heads (2..n)
+    learn, ascending. Each row's m columns of smallest hash of what the row holds there (column, token, position
+    in its document): the same whatever the micro-batching, the world size or a resume, since a row of the data
+    stream is the same row there; and a fixed count, so gathering them needs no host sync."""
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    B, T = ids.shape
+    col = torch.arange(T, device=ids.device).expand(B, T)
+    mask = 0xFFFFFFFF  # 32-bit arithmetic in int64 (no overflow), the same on every device
+    x = ((col * 73856093) ^ (ids * 19349663) ^ (pos.long() * 83492791)) & mask
+    for _ in range(2):  # a 32-bit integer mix (degski's): every input bit moves every output bit
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & mask
+    x = ((x >> 16) ^ x) * T + col  # ties broken by column: a strict order
+    m = min(T, max(1, round(rate * T)))
+    return torch.topk(x, m, dim=1, largest=False).indices.sort(dim=1).values
+
+
+def train_targets(batch, n_predict, draft_rate=1.0):
+    """mtp_targets for training: with draft_rate < 1, heads 2..n keep their targets at sampled_positions() only
+    (head 1 keeps all of its own). The target mask the step counts (count_targets) and learns from."""
+    tgt = mtp_targets(batch["input_ids"], batch["doc_ids"], n_predict)
+    if draft_rate < 1 and n_predict > 1:
+        cols = sampled_columns(batch, draft_rate)
+        keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool).scatter_(1, cols, True)
+        tgt[1:] = torch.where(keep, tgt[1:], IGNORE)
+    return tgt
+
+
+def count_targets(batch, n_predict, draft_rate=1.0):
+    """-> (n_predict,) int64 valid training targets per head; needs no model, so counts can be all-reduced early."""
+    return (train_targets(batch, n_predict, draft_rate) != IGNORE).sum((1, 2))
 
 
 def _matmul_dtype(t):
@@ -267,19 +295,37 @@ class ModelWithLoss(nn.Module):
     single-buffer gradient path (grad_scale) is unchanged. Unsharding the weight by hand around the loss would
     work too, but it would be a second code path for one parameter."""
 
-    def __init__(self, model):
+    def __init__(self, model, draft_rate=1.0):
         super().__init__()
-        self.model = model
+        self.model, self.draft_rate = model, draft_rate  # draft_rate: see train_targets (training only)
 
     def forward(self, batch, heads=None, grad_scale=None, predict=False):
         """batch: data.py's dict; heads: indices of the heads to run (default all); grad_scale: see mtp_loss;
-        predict: evaluation, without gradients, with each head's greedy tokens."""
+        predict: evaluation, without gradients, with each head's greedy tokens (every target, no sampling)."""
         heads = list(range(self.model.cfg.n_predict) if heads is None else heads)
         out = self.model(**batch, heads=heads)
-        targets = mtp_targets(batch["input_ids"], batch["doc_ids"], max(heads) + 1)[heads]
         weight = self.model.lm_head.weight
         if predict:
+            targets = mtp_targets(batch["input_ids"], batch["doc_ids"], max(heads) + 1)[heads]
             sums, counts, preds = mtp_eval(out.hidden, weight, targets)
-        else:
-            (sums, counts), preds = mtp_loss(out.hidden, weight, targets, grad_scale=grad_scale), None
-        return LossOutput(sums, counts, out.aux_loss, out.expert_counts, preds)
+            return LossOutput(sums, counts, out.aux_loss, out.expert_counts, preds)
+        targets = train_targets(batch, max(heads) + 1, self.draft_rate)[heads]
+        cfg = self.model.cfg
+        drafting = [j for j, k in enumerate(heads) if k > 0]  # rows of hidden and targets of heads 2..n
+        if cfg.mtp_style == "shared" or not drafting or not (cfg.mtp_detach or self.draft_rate < 1):
+            sums, counts = mtp_loss(out.hidden, weight, targets, grad_scale=grad_scale)
+            return LossOutput(sums, counts, out.aux_loss, out.expert_counts)
+        # the drafting heads apart: their unembedding detached (mtp_detach), their rows only where they have a
+        # target (draft_rate < 1: the unembedding's cost falls with the sampled fraction)
+        first = [j for j, k in enumerate(heads) if k == 0]
+        scale = (lambda js: None) if grad_scale is None else (lambda js: grad_scale[js])
+        parts = [mtp_loss(out.hidden[first], weight, targets[first], grad_scale=scale(first))] if first else []
+        h_SBTD, t_KBT = out.hidden[drafting], targets[drafting]
+        if self.draft_rate < 1:  # the sampled columns only: (S, B, m, D); the other columns have no target here
+            cols_Bm = sampled_columns(batch, self.draft_rate)
+            S, K, (B, m), D = len(drafting), len(drafting), cols_Bm.shape, h_SBTD.shape[-1]
+            h_SBTD = h_SBTD.gather(2, cols_Bm[None, :, :, None].expand(S, B, m, D))
+            t_KBT = t_KBT.gather(2, cols_Bm[None].expand(K, B, m))
+        parts.append(mtp_loss(h_SBTD, weight.detach() if cfg.mtp_detach else weight, t_KBT, grad_scale=scale(drafting)))
+        sums, counts = (torch.cat(t) for t in zip(*parts))
+        return LossOutput(sums, counts, out.aux_loss, out.expert_counts)

@@ -58,7 +58,10 @@ class ModelConfig:
     expert_hidden: int = 0  # SwiGLU hidden of one expert; 0: 4 * n_embd / (top_k + n_shared_experts), rounded up to 16
     n_dense_layers: int = 0  # leading trunk blocks with a dense FFN instead of MoE (DeepSeek-V3 uses 3)
     n_predict: int = 4  # MTP heads; head k predicts token t + k
-    mtp_style: str = "parallel"  # "parallel" (a block per head), "sequential" (DeepSeek-V3 depths), "shared" (logits)
+    mtp_style: str = "sequential"  # "sequential" (DeepSeek-V3 depths), "parallel" (a block per head), "shared" (logits)
+    # heads 2..n learn on a detached trunk: their gradient reaches their own modules only, and the trunk and head 1
+    # learn as a 1-head model (no effect with shared logits, which have no modules of their own to detach)
+    mtp_detach: bool = True
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     rope_base: float = 10000.0  # rotary embedding base
     dropout: float = 0.0  # residual dropout; 0 keeps a training forward deterministic
@@ -150,6 +153,10 @@ def rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+# oneDNN's packed matmul (the op torch.compile's CPU freezing uses): few-row products with the unembedding
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class KVCache:
     """Keys and values of every attention module (trunk and head modules) for decoding one batch of sequences,
     preallocated to max_len positions. `pos` is the number of positions fed; truncate(n) rolls back.
@@ -167,6 +174,15 @@ class KVCache:
                    for m in model.modules() if isinstance(m, Attention)}
         self.trunk = p.new_zeros(batch, max_len, cfg.n_embd)
         n, sequential = len(model.heads), cfg.mtp_style == "sequential"
+        # parallel heads: the drafting heads (indices 1..n-1) run as one batched block (Model._decode_drafters) on
+        # their weights stacked here; their keys and values are views into one stacked tensor (n-1, B, KV, max_len,
+        # hd), so that block and each head's own module read and write the same cache
+        self.drafters = self.draft_kv = None
+        if cfg.mtp_style == "parallel" and n > 2:
+            self.draft_kv = tuple(p.new_zeros(n - 1, batch, kv, max_len, hd) for _ in range(2))
+            for i, head in enumerate(model.heads[1:]):
+                self.kv[head.attn] = (self.draft_kv[0][i], self.draft_kv[1][i])
+            self.drafters = stack_drafters(model.heads[1:])
         self.pos, self.head_pos = 0, [0] * n
         self.lag = list(range(n)) if sequential else [0] * n  # depth i reads i tokens ahead of its position
         self.ids = torch.zeros(batch, max_len, dtype=torch.long, device=p.device) if sequential else None
@@ -175,6 +191,18 @@ class KVCache:
         # the unembedding transposed, (D, vocab): decoding multiplies a few rows at a time, and the CPU's GEMM
         # reads this layout up to 1.8x faster than lm_head.weight.t() (vocab: drop the padding ids up front)
         self.unembed_DV = model.lm_head.weight[:vocab].detach().t().contiguous()
+        self.unembed_packed = None  # oneDNN's copy for several rows at once, made by the first such call (unembed())
+
+    def unembed(self, h):
+        """(..., D) -> (..., vocab) logits. One row: a matrix-vector product over unembed_DV, the fastest there.
+        Several rows of float32 on a CPU: oneDNN's matmul over a copy of the weight packed once, which reads the
+        unembedding at about one row's cost for a handful of rows, where the BLAS GEMM (MKL, on an AMD EPYC) takes
+        3-6 times a row's time (bench.py's decoding rows)."""
+        if h.shape[:-1].numel() > 1 and h.dtype == torch.float32 and h.device.type == "cpu" and ONEDNN:
+            if self.unembed_packed is None:
+                self.unembed_packed = torch.ops.mkldnn._reorder_linear_weight(self.unembed_DV.t().contiguous())
+            return torch.ops.mkldnn._linear_pointwise(h, self.unembed_packed, None, "none", [None], "")
+        return h @ self.unembed_DV
 
     def truncate(self, n):
         self.pos = n
@@ -187,6 +215,18 @@ class KVCache:
         end = start + k.shape[2]
         K[:, :, start:end], V[:, :, start:end] = k, v
         return K[:, :, :end], V[:, :, :end]
+
+
+def stack_drafters(heads):
+    """The drafting heads' blocks (parallel style, dense) as stacked weights for Model._decode_drafters: each
+    RMSNorm's weight folded into the matrix after it (norm(x) * g @ W.T = norm(x) @ (g * W.T)), and every head's
+    q, k, v projection side by side, since all of them read the same trunk output."""
+    t = lambda lin: lin.weight.detach().t()  # (in, out)
+    return dict(qkv=torch.cat([h.norm1.weight.detach()[:, None] * t(h.attn.qkv) for h in heads], 1),  # (D, n*Q)
+                proj=torch.stack([t(h.attn.proj) for h in heads]),  # (n, D, D)
+                w13=torch.stack([h.norm2.weight.detach()[:, None] * torch.cat([t(h.ffn.w1), t(h.ffn.w3)], 1)
+                                 for h in heads]),  # (n, D, 2F)
+                w2=torch.stack([t(h.ffn.w2) for h in heads]))  # (n, F, D)
 
 
 class Attention(nn.Module):
@@ -368,6 +408,10 @@ class Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # the initial weights come from a generator seeded by one draw here, before any module is built: each
+        # parameter's values then do not depend on what else the model holds, so a model with more heads starts
+        # with the same trunk and head 1 as a 1-head model (the study's equal-step comparisons are exact)
+        init_seed = int(torch.randint(2**62, ()))
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layer))
         # one module per head (shared logits: head 1's block alone); sequential: head 1's block, then the depths
@@ -383,10 +427,10 @@ class Model(nn.Module):
         angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64), inv_freq)
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)  # (seq_len, hd/2)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
-        self.init_weights()
+        self.init_weights(torch.Generator().manual_seed(init_seed))
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, gen=None):
         """Every initialization in one place. GPT-2 / nanoGPT: N(0, 0.02) for matrices and the embedding;
         the projections that write into the residual stream are scaled by 1/sqrt(2 * blocks), so the
         residual stream's variance does not grow with depth. Norms start at 1, expert biases at 0."""
@@ -395,9 +439,9 @@ class Model(nn.Module):
             if p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm weights
             elif name.endswith(("proj.weight", "w2.weight", "w2_EDF")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * blocks))
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * blocks), generator=gen)
             else:
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(p, 0.0, std, generator=gen)
         for m in self.modules():
             if isinstance(m, MoE):
                 m.expert_bias.zero_()
@@ -419,12 +463,14 @@ class Model(nn.Module):
             return {0}
         return set(range(max(heads) + 1)) if self.cfg.mtp_style == "sequential" else set(heads)
 
-    def flops_per_token(self, seq_len=None, n_heads=None, heads=None):
+    def flops_per_token(self, seq_len=None, n_heads=None, heads=None, draft_rate=1.0):
         """Training FLOPs per token computing heads 1..n_heads (default all), or the heads given as indices: 6 *
         active matmul parameters (the head modules that run, head_modules_run(); the unembedding once per head
         scored, once in all for shared logits, whose extra targets are gathers; the embedding lookups free) +
         attention scores 6 * 2 * blocks * n_embd * T (nanoGPT/PaLM convention, counted as if every key were
-        attended, blocks = n_layer + the head modules that run)."""
+        attended, blocks = n_layer + the head modules that run). Heads 2..n score the unembedding at a fraction
+        draft_rate of the positions (train.py's mtp_sample), and with mtp_detach without its weight gradient (4
+        of the 6)."""
         cfg, T = self.cfg, seq_len or self.cfg.seq_len
         heads = list(range(cfg.n_predict if n_heads is None else n_heads) if heads is None else heads)
         _, active = self.param_counts()
@@ -432,7 +478,11 @@ class Model(nn.Module):
         per_module = [sum(p.numel() for p in m.parameters()) for m in self.heads]
         run = self.head_modules_run(heads)
         trunk = active - sum(per_module) - lm * (1 if cfg.tie_embeddings else 2)
-        unembeddings = min(len(heads), 1) if cfg.mtp_style == "shared" else len(heads)
+        if cfg.mtp_style == "shared":
+            unembeddings = min(len(heads), 1)
+        else:
+            drafting = len([h for h in heads if h > 0])
+            unembeddings = (0 in heads) + drafting * draft_rate * (4 / 6 if cfg.mtp_detach else 1)
         matmul = trunk + sum(per_module[i] for i in run) + lm * unembeddings
         return 6 * matmul + 12 * (cfg.n_layer + len(run)) * cfg.n_embd * T
 
@@ -496,6 +546,10 @@ class Model(nn.Module):
         rope = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, hd/2)
         x, aux, counts = self._trunk(self.drop(self.tok_emb(input_ids)), rope, mask, valid)
         run = sorted(self.head_modules_run(heads))  # states before the final norm of the head modules run
+        # mtp_detach: what the drafting heads read of the model below them (the trunk's output, head 1's state, the
+        # embedding, the final norm; loss.py detaches the unembedding) carries no gradient back: the trunk and
+        # head 1 get exactly the gradient of a 1-head model (test_mask.py), the drafters learn on top of it
+        cut = (lambda t: t.detach()) if self.cfg.mtp_detach else (lambda t: t)
         if self.cfg.mtp_style == "sequential":
             # depth i at t reads token t + i where it lies in t's document, else a zero embedding: never a token
             # of another document, of padding or past the row
@@ -503,12 +557,15 @@ class Model(nn.Module):
             docs = torch.zeros_like(input_ids, dtype=torch.int32) if doc_ids is None else doc_ids
             read_KBT = tokens_ahead(input_ids, docs, run[-1])
             for i in run[1:]:
-                states[i] = self.heads[i](states[i - 1], self.embed_or_zero(read_KBT[i - 1]), *rope, mask, valid)
+                states[i] = self.heads[i](states[i - 1] if i > 1 else cut(states[0]),
+                                          cut(self.embed_or_zero(read_KBT[i - 1])), *rope, mask, valid)
         else:
-            states = {i: self.heads[i](x, *rope, mask, valid)[0] for i in run}
+            states = {i: self.heads[i](x if i == 0 else cut(x), *rope, mask, valid)[0] for i in run}
         shown = [0] if self.cfg.mtp_style == "shared" else heads  # shared logits: one state scored by every head
-        return ModelOutput(hidden=torch.stack([self.norm_f(states[h]) for h in shown]), aux_loss=aux,
-                           expert_counts=counts)
+        weight = self.norm_f.weight
+        normed = [F.rms_norm(states[h], weight.shape, weight if h == 0 else cut(weight), self.norm_f.eps)
+                  for h in shown]
+        return ModelOutput(hidden=torch.stack(normed), aux_loss=aux, expert_counts=counts)
 
     def check_heads(self, heads, kv_cache=None):
         """heads -> a list of head indices, checked: a ValueError names the bad ones."""
@@ -552,11 +609,16 @@ class Model(nn.Module):
         cache.trunk[:, start:end] = x
         if cache.ids is not None:
             cache.ids[:, start:end] = ids
-        hidden = {}
-        for h in sorted(self.head_modules_run(heads)):  # sequential and shared: head 1's block only
+        span = lambda first: (cos, sin, causal) if first == start else self._span(first, end, ids.device)
+        hidden, run = {}, sorted(self.head_modules_run(heads))  # sequential and shared: head 1's block only
+        drafting = run[1:] if run[:1] == [0] else run
+        if cache.drafters is not None and len(drafting) > 1 and drafting == list(range(1, len(drafting) + 1)):
+            hidden = self._decode_drafters(cache, len(drafting), end, T, span)  # heads 2..d+1 at once
+            run = [h for h in run if h not in hidden]
+        for h in run:  # head 1 always on its own module: plain decoding's computation, so greedy output is the same
             first = cache.head_pos[h]  # <= start
-            out = self.heads[h](cache.trunk[:, first:end], *self._span(first, end, ids.device),
-                                valid.new_ones(B, end - first), (cache, first))[0]
+            out = self.heads[h](cache.trunk[:, first:end], *span(first), valid.new_ones(B, end - first),
+                                (cache, first))[0]
             if cache.states is not None:
                 cache.states[h, :, first:end] = out
             hidden[h] = self.norm_f(out[:, -T:])
@@ -564,6 +626,33 @@ class Model(nn.Module):
         cache.pos, cache.drafted = end, [0] * len(cache.drafted)
         shown = [0] if self.cfg.mtp_style == "shared" else heads
         return ModelOutput(hidden=torch.stack([hidden[h] for h in shown]), aux_loss=aux, expert_counts=counts)
+
+    def _decode_drafters(self, cache, d, end, T, span):
+        """Parallel style, decoding: drafting heads 2..d+1 (indices 1..d) as one batched block over the trunk's
+        outputs from the first position any of them lacks to end - 1 (a head that holds some of them recomputes
+        their keys and values, the same ones) -> {index: final-normed state at the last T positions (B, T, D)}.
+        Each head's Block computes the same (test_sample.py holds the two equal), in about a third of the
+        operations for 3 heads: at decoding sizes a block's time is the overhead of its ~40 operations."""
+        W, blk, K_n, V_n = cache.drafters, self.heads[1], *cache.draft_kv
+        first = min(cache.head_pos[1:d + 1])
+        x_BSD = cache.trunk[:, first:end]
+        (B, S, D), H, KV, hd = x_BSD.shape, blk.attn.H, blk.attn.KV, blk.attn.hd
+        cos, sin, causal = span(first)
+        Q = (H + 2 * KV) * hd
+        qkv = F.rms_norm(x_BSD, (D,), eps=blk.norm1.eps) @ W["qkv"][:, :d * Q]  # every head's q, k, v: one matmul
+        qk, v = qkv.view(B, S, d, Q).permute(2, 0, 1, 3).split([(H + KV) * hd, KV * hd], dim=-1)  # (d, B, S, .)
+        q, k = rope(qk.reshape(d * B, S, H + KV, hd).transpose(1, 2), cos, sin).split([H, KV], dim=1)  # one rotation
+        K_n[:d, :, :, first:end] = k.view(d, B, KV, S, hd)
+        V_n[:d, :, :, first:end] = v.reshape(d, B, S, KV, hd).transpose(2, 3)
+        keys, values = (c[:d, :, :, :end].reshape(d * B, KV, end, hd) for c in (K_n, V_n))  # views: (d, B) merge
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, enable_gqa=KV != H)
+        x_nND = x_BSD.reshape(1, B * S, D) + torch.bmm(y.transpose(1, 2).reshape(d, B * S, D), W["proj"][:d])
+        a, b = torch.bmm(F.rms_norm(x_nND, (D,), eps=blk.norm2.eps), W["w13"][:d]).chunk(2, dim=-1)
+        x_nND = x_nND + torch.bmm(F.silu(a) * b, W["w2"][:d])
+        out = self.norm_f(x_nND.view(d, B, S, D)[:, :, -T:])
+        for i in range(1, d + 1):
+            cache.head_pos[i] = end
+        return {i: out[i - 1] for i in range(1, d + 1)}
 
     def decode_depth(self, i, next_ids, kv_cache):
         """Sequential style, decoding: depth i (head i + 1) at the last fed position p = kv_cache.pos - 1, where it
@@ -596,7 +685,7 @@ class Model(nn.Module):
 
     def logits(self, hidden, kv_cache=None):
         """(..., D) -> (..., vocab_size); with a decoding cache, (..., the cache's vocab) from its copy."""
-        return hidden @ (kv_cache.unembed_DV if kv_cache is not None else self.lm_head.weight.t())
+        return kv_cache.unembed(hidden) if kv_cache is not None else hidden @ self.lm_head.weight.t()
 
 
 def positions_from_doc_ids(doc_ids):

@@ -9,12 +9,15 @@ Self-speculative decoding (Stern et al. 2018 blockwise parallel decoding; Gloeck
 forward at the last accepted position gives head 1's next token and heads 2..d+1's drafts of the tokens
 after it. The next forward feeds [next, drafts...]; head 1 at each fed position judges the draft after it,
 the longest agreeing prefix is kept (the KV cache is rolled back past the rest), and the heads at the last
-kept position draft again. A verify pass computes only the logits it needs: head 1 at the fed positions,
-the drafting heads at the last kept one. Greedy output is token-for-token that of plain greedy decoding;
-with sampling, drafts pass the speculative-sampling test (Leviathan et al. 2023), so the output keeps head
-1's distribution. How many drafts to compute (0 is plain decoding) is decided as it goes (DraftPolicy):
-from this sample's acceptance and the measured time of each kind of forward, so that a model whose drafts
-fail costs no more than plain decoding. Text goes to stdout as it comes; statistics go to stderr.
+kept position draft again. A verify pass computes only the logits it needs, in one pass over the unembedding while
+the drafts hold: head 1 at the fed positions, the drafting heads at the last fed one (a second pass at the last
+kept one after a rejection); the model runs the drafting heads as one batched block (Model._decode_drafters), so
+with parallel heads on the default model's shape such a forward costs about 1.3-1.6x a plain one when its drafts
+hold (bench.py --decode; 3.8x with each head alone and the BLAS GEMM). Greedy output is token-for-token that of
+plain greedy decoding; with sampling, drafts pass the speculative-sampling test (Leviathan et al. 2023), so the
+output keeps head 1's distribution. How many drafts to compute (0 is plain decoding) is decided as it goes
+(DraftPolicy): from this sample's acceptance and the measured time of each kind of forward, so that a model whose
+drafts fail costs no more than plain decoding. Text goes to stdout as it comes; statistics go to stderr.
 
 By the model's mtp_style: parallel heads draft from the verify forward itself (heads 2..d+1 at the last kept
 position); sequential depths draft one after another after it (Model.decode_depth: depth j reads the next
@@ -83,6 +86,9 @@ def pick(probs, gen):
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+NO_CLOCK_COST = {"parallel": (0.3, 0.17), "sequential": (0.4, 0.5)}  # plain forwards: fixed, per draft
+
+
 class DraftPolicy:
     """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks
     the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
@@ -93,13 +99,17 @@ class DraftPolicy:
     While plain decoding wins, one probe with drafts runs after 4, 8, 16, ... (at most 64) plain forwards, so a
     stretch of text where drafts hold is noticed. With sampling the
     drafts change which random numbers are drawn, so there the decisions must not depend on the clock, or a
-    seed would not reproduce a sample: the cost of d drafts is then taken as (1 + d / n_drafts) plain forwards,
-    about what the CPU measures for the default model."""
+    seed would not reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain
+    forwards (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's
+    shape, halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3
+    drafts; sequential depths, a pass over the unembedding per draft, 1.9-3.0x)."""
 
-    def __init__(self, n_drafts, clock=True):
+    def __init__(self, n_drafts, clock=True, style="parallel"):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
         self.times = [[] for _ in range(n_drafts + 1)]  # the last seconds measured per d (clock only)
-        self.sec = [None] * (n_drafts + 1) if clock else [1 + d / max(n_drafts, 1) for d in range(n_drafts + 1)]
+        fixed, per_draft = NO_CLOCK_COST[style]
+        self.sec = [None] * (n_drafts + 1) if clock else [1 + (fixed + per_draft * d if d else 0)
+                                                         for d in range(n_drafts + 1)]
         self.plain_run, self.probe_after = 0, 4
 
     def record(self, depth, accepted):
@@ -165,7 +175,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     gen = None if temperature == 0 else (gen or torch.Generator().manual_seed(0))
     dev = next(model.parameters()).device
     cache = KVCache(model, seq_len, vocab=GPT2_VOCAB)  # logits over GPT-2's ids only: padding ids never come out
-    policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None)
+    policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None, style=style if speculative else "parallel")
     out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
     d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
     prev_d = d
@@ -182,7 +192,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         hidden = model(torch.tensor([feed], device=dev), kv_cache=cache, heads=heads).hidden[:, 0]  # (heads, T, D)
         forwards += 1
         base = len(feed) - 1 - len(drafts)  # fed index of the token before the first draft
-        head1 = model.logits(hidden[0, base:], cache)  # head 1 there and at each draft: row i judges drafts[i]
+        head1, ahead = verify_logits(model, cache, hidden, base)  # head1 row i judges drafts[i]
         if gen is None:  # greedy: token ids straight from the logits, no distributions
             best = head1.argmax(-1).tolist()
         else:  # one copy to the host per forward: the acceptance tests and draws below read it there
@@ -210,9 +220,11 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         cache.truncate(start + len(feed) - len(drafts) + kept)  # drop the rejected drafts' keys and values
         # drafts fed next must fit the budget (each may become a token of out) and the context (after out[-1])
         room = min(budget - len(out), seq_len - cache.pos - 1)
-        drafts, q = [], None
-        if d > 0 and room > 0:  # at the last kept position
-            drafts, q = make_drafts(model, cache, hidden[1:1 + room, base + kept], out[-1], min(d, room), dist, gen)
+        all_held, drafts, q = kept == len(drafts), [], None
+        if d > 0 and room > 0:  # at the last kept position: the last fed one if every draft held, scored already
+            n_next = min(d, room)
+            drafts, q = make_drafts(model, cache, hidden[1:1 + n_next, base + kept], out[-1], n_next, dist, gen,
+                                    ahead[:n_next] if all_held else None)
         feed = [out[-1]] + drafts
         if forwards > 2 and d == prev_d:  # steady state only (a forward also pays for feeding the drafts before
             policy.timed(d, time.time() - t_fwd)  # it), and not the first two, which pay for warming up
@@ -222,11 +234,24 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
                      tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted)
 
 
-def make_drafts(model, cache, heads_nD, nxt, n, dist, gen):
+def verify_logits(model, cache, hidden, base):
+    """A decoding forward's logits, from one pass over the unembedding -> (head 1's at fed positions base.. (the
+    position before the first draft, then each draft), the drafting heads' at the last fed position). hidden: (heads,
+    T, D) from the forward. The drafting heads draft at the last kept position, known only once head 1's rows are
+    compared: the last fed one when every draft holds (or none was fed), whose rows ride along here nearly free (a
+    pass's time is reading the 50k x D unembedding; a few more rows add little); after a rejection make_drafts
+    pays a second pass. Scoring the drafting heads at every fed position instead (16 rows for 3 drafts) costs as
+    much as that second pass: 2.9 ms against 1.4 + 1.5 ms for 4 and 3 rows on one busy AMD EPYC core."""
+    logits = model.logits(torch.cat([hidden[0, base:], hidden[1:, -1]]), cache)
+    return logits[:hidden.shape[1] - base], logits[hidden.shape[1] - base:]
+
+
+def make_drafts(model, cache, heads_nD, nxt, n, dist, gen, logits=None):
     """n drafts of the tokens after nxt (the next token, fed next) at the last kept position -> (drafts, q): q (n, V)
     the distributions they were drawn from when sampling, None when greedy. Parallel heads: heads_nD, the drafting
-    heads' states there, from the verify forward. Sequential depths: one after another (heads_nD is empty), depth j
-    reading nxt and the drafts of depths 1..j-1, so a sampled draft feeds the depths after it."""
+    heads' states there, from the verify forward, or their logits when verify_logits() scored them already.
+    Sequential depths: one after another (heads_nD is empty), depth j reading nxt and the drafts of depths
+    1..j-1, so a sampled draft feeds the depths after it."""
     if model.cfg.mtp_style == "sequential":
         ids, qs = torch.tensor([[nxt]], device=cache.trunk.device), []
         for j in range(1, n + 1):
@@ -237,7 +262,7 @@ def make_drafts(model, cache, heads_nD, nxt, n, dist, gen):
                 qs.append(dist(logits[0]).cpu())
                 ids = torch.cat([ids, ids.new_tensor([[pick(qs[-1], gen)]])], dim=1)
         return ids[0, 1:].tolist(), torch.stack(qs) if qs else None
-    logits = model.logits(heads_nD, cache)
+    logits = model.logits(heads_nD, cache) if logits is None else logits
     if gen is None:
         return logits.argmax(-1).tolist(), None
     q = dist(logits).cpu()

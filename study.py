@@ -28,6 +28,22 @@ STUDIES = {
                                   "--n_head=8", "--max_iters=120", "--eval_interval=60"]
            for opt, lr in (("adamw", "3e-3"), ("muon", "3e-3"))},
     },
+    # the extra heads against one head (README "What the extra heads buy"); the default model, corpus and Muon
+    "heads": {
+        "one_head": ["--n_predict=1", "--mtp_schedule=1"],
+        # drafters on a detached trunk, learning at 1/8 of the positions, in the last quarter of the run
+        "par_det_s8_late25": ["--mtp_detach=True", "--mtp_sample=0.125", "--mtp_schedule=1@0.75;1,1,1,1"],
+        "seq_det_s8_late25": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.125",
+                              "--mtp_schedule=1@0.75;1,1,1,1"],
+        "seq_det_s16_late10": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                               "--mtp_schedule=1@0.9;1,1,1,1"],
+        # equal time: 1 head gets the steps the default's drafters take (their last tenth costs 1.34x a 1-head step,
+        # measured side by side: 3.4% of the run), and the same at three times the budget
+        "one_head_eq": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=248"],
+        "seq_det_s16_late10_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                                  "--mtp_schedule=1@0.9;1,1,1,1", "--max_iters=720"],
+        "one_head_eq_x3": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=745"],
+    },
 }
 
 

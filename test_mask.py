@@ -18,7 +18,16 @@ import torch.nn.functional as F
 
 import model as model_module
 from data import EOT, pack, rows_to_batch
-from loss import IGNORE, ModelWithLoss, count_targets, mtp_loss, mtp_targets, step_coefficients
+from loss import (
+    IGNORE,
+    ModelWithLoss,
+    count_targets,
+    mtp_loss,
+    mtp_targets,
+    sampled_columns,
+    step_coefficients,
+    train_targets,
+)
 from model import MTP_STYLES, Model, ModelConfig, tokens_ahead
 
 V, N_PREDICT = 64, 4
@@ -26,10 +35,10 @@ TOL = dict(rtol=1e-9, atol=1e-11)
 per_style = pytest.mark.parametrize("style", MTP_STYLES)
 
 
-def make_model(style="parallel", seed=0):
+def make_model(style="parallel", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=V, seq_len=64, n_layer=2, n_head=2, n_embd=16, n_experts=4, top_k=2,
-                      n_predict=N_PREDICT, mtp_style=style)
+                      **{"n_predict": N_PREDICT, "mtp_style": style, "mtp_detach": False, **kw})
     return Model(cfg).double()  # float64: differences in the comparisons below are rounding only
 
 
@@ -201,38 +210,105 @@ def test_router_statistics_ignore_padding(style):
     assert int(outs[0].expert_counts.sum()) == 17 * model.cfg.n_layer * model.cfg.top_k
 
 
-def accumulated_grads(model, micro_batches, normalize_per_micro_batch=False):
+def accumulated_grads(model, micro_batches, normalize_per_micro_batch=False, draft_rate=1.0):
     """The training step's math (train.py): global counts first, then sum_m coef * sums_m, backward (with
-    grad_scale=coef, as train.py passes it)."""
+    grad_scale=coef, as train.py passes it). draft_rate: train.py's mtp_sample."""
     model.zero_grad(set_to_none=True)
     head_w = torch.tensor([1.0, 0.5, 0.25, 0.125], dtype=torch.float64)  # unequal weights, as the default schedule
-    n_k = sum(count_targets(b, N_PREDICT) for b in micro_batches)
+    n_k = sum(count_targets(b, N_PREDICT, draft_rate) for b in micro_batches)
     coef = step_coefficients(n_k, head_w)
+    fwd = ModelWithLoss(model, draft_rate)
     for b in micro_batches:
         if normalize_per_micro_batch:  # the wrong way: a mean of per-micro-batch means
-            out = ModelWithLoss(model)(b)
+            out = fwd(b)
             loss = (head_w * out.sums / out.counts.clamp(min=1)).sum() / len(micro_batches)
         else:
-            loss = (coef * ModelWithLoss(model)(b, grad_scale=coef).sums).sum()
+            loss = (coef * fwd(b, grad_scale=coef).sums).sum()
         loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@per_style
-def test_accumulation_does_not_change_the_math(style):
-    """accumulation does not change the math: 8 rows at once equal 4 micro-batches of 2 rows with uneven padding"""
-    model = make_model(style)
+def uneven_batch():
+    """8 rows of 32 with uneven padding, and the same rows as 4 micro-batches of 2."""
     docs = make_docs([30, 3, 25, 9, 4, 31, 12, 2, 20, 6, 2, 28], seed=3)
     rows = [[docs[0]], [docs[1]], [docs[2], docs[11][:5]], [docs[3], docs[4]], [docs[5]], [docs[6], docs[7]],
             [docs[8], docs[9], docs[10]], [docs[11]]]
     batch = layout(rows, 32)
     micro = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
     assert len({int(m["attention_mask"].sum()) for m in micro}) > 1, "uneven padding across micro-batches"
-    whole, split = accumulated_grads(model, [batch]), accumulated_grads(model, micro)
-    for name in whole:
-        torch.testing.assert_close(whole[name], split[name], **TOL)
-    wrong = accumulated_grads(model, micro, normalize_per_micro_batch=True)  # negative control
-    assert any(not torch.allclose(whole[n], wrong[n], **TOL) for n in whole), "mean of means should differ"
+    return batch, micro
+
+
+@per_style
+def test_accumulation_does_not_change_the_math(style):
+    """accumulation does not change the math: 8 rows at once equal 4 micro-batches of 2 rows with uneven padding,
+    also with the drafting heads learning at sampled positions only (mtp_sample)"""
+    model = make_model(style)
+    batch, micro = uneven_batch()
+    for rate in (1.0, 0.25):
+        whole, split = accumulated_grads(model, [batch], draft_rate=rate), accumulated_grads(model, micro, draft_rate=rate)
+        for name in whole:
+            torch.testing.assert_close(whole[name], split[name], **TOL)
+        wrong = accumulated_grads(model, micro, normalize_per_micro_batch=True, draft_rate=rate)  # negative control
+        assert any(not torch.allclose(whole[n], wrong[n], **TOL) for n in whole), "mean of means should differ"
+
+
+@per_style
+def test_sampled_positions_are_a_target_mask(style):
+    """mtp_sample: each row's drafting heads keep their targets at round(rate * T) columns drawn from the row itself
+    (the same columns when the row is alone), head 1 keeps all; the loss over those columns only equals the loss
+    with the mask over every column, sums and gradients"""
+    model = make_model(style, mtp_detach=style != "shared")
+    batch, micro = uneven_batch()
+    cols = sampled_columns(batch, 0.25)
+    assert cols.shape == (8, 8) and all(len(set(r)) == 8 for r in cols.tolist())
+    assert torch.equal(torch.cat([sampled_columns(m, 0.25) for m in micro]), cols)  # a row's own, batch or not
+    assert len({tuple(r) for r in cols.tolist()}) > 1, "every row sampling the same columns"
+    full, sampled = mtp_targets(batch["input_ids"], batch["doc_ids"], N_PREDICT), train_targets(batch, N_PREDICT, 0.25)
+    keep = torch.zeros(8, 32, dtype=torch.bool).scatter_(1, cols, True)
+    assert torch.equal(sampled[0], full[0])
+    assert torch.equal(sampled[1:], torch.where(keep, full[1:], IGNORE))
+    assert count_targets(batch, N_PREDICT, 0.25).tolist() == (sampled != IGNORE).sum((1, 2)).tolist()
+    coef = torch.tensor([1.0, 0.5, 0.25, 0.125], dtype=torch.float64)
+    model.zero_grad(set_to_none=True)
+    out = ModelWithLoss(model, 0.25)(batch, grad_scale=coef)  # the drafting heads scored at the sampled columns
+    (coef * out.sums).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ref_out = run(model, batch)  # the reference: every column scored, the mask in the targets
+    weight = model.lm_head.weight
+    if model.cfg.mtp_detach:  # what mtp_detach means, written out: the drafters' unembedding carries no gradient
+        ref = [mtp_loss(ref_out.hidden[:1], weight, sampled[:1])[0], mtp_loss(ref_out.hidden[1:], weight.detach(),
+                                                                                sampled[1:])[0]]
+        ref_sums = torch.cat(ref)
+    else:
+        ref_sums = mtp_loss(ref_out.hidden, weight, sampled)[0]
+    (coef * ref_sums).sum().backward()
+    torch.testing.assert_close(out.sums, ref_sums.detach(), **TOL)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, **TOL, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("style", ["parallel", "sequential"])
+def test_detached_drafters_leave_the_trunk_a_one_head_gradient(style):
+    """mtp_detach: the trunk and head 1 get exactly the gradient of a 1-head model with the same weights, the
+    drafting heads learn (a gradient of their own); negative control: without the detach the trunk's differs"""
+    batch, _ = uneven_batch()
+    grads = {}
+    for name, kw in (("one", dict(n_predict=1)), ("detached", dict(mtp_detach=True)), ("attached", {})):
+        model = make_model(style, **kw)
+        model.load_state_dict(make_model(style).state_dict(), strict=False)  # heads 2..n absent from the 1-head model
+        n = model.cfg.n_predict
+        coef = step_coefficients(count_targets(batch, n, 0.5), torch.ones(n, dtype=torch.float64))
+        out = ModelWithLoss(model, 0.5)(batch, grad_scale=coef)
+        ((coef * out.sums).sum() + out.aux_loss).backward()
+        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+    one = grads["one"]
+    for k in one:
+        torch.testing.assert_close(grads["detached"][k], one[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    drafters = [k for k in grads["detached"] if k.startswith(("heads.1.", "heads.2.", "heads.3."))]
+    assert drafters and all(grads["detached"][k].abs().sum() > 0 for k in drafters)
+    assert not torch.allclose(grads["attached"]["blocks.0.attn.qkv.weight"], one["blocks.0.attn.qkv.weight"], **TOL)
 
 
 @per_style

@@ -121,7 +121,7 @@ def test_heads_subset_equals_the_full_run(style):
 def test_flops_per_style_by_hand():
     cfg = tiny()
     D, T, lm = cfg.n_embd, cfg.seq_len, cfg.vocab_size * cfg.n_embd
-    models = {style: make(mtp_style=style) for style in MTP_STYLES}
+    models = {style: make(mtp_style=style, mtp_detach=False) for style in MTP_STYLES}
     block = sum(p.numel() for p in models["parallel"].heads[0].parameters())  # a dense head block
     depth = sum(p.numel() for p in models["sequential"].heads[1].parameters())
     assert depth == block + 2 * D * D + 2 * D  # the merge (2D -> D) and two norms on top of a block
@@ -136,6 +136,10 @@ def test_flops_per_style_by_hand():
     # shared logits: one block, one unembedding whatever the heads scored (their targets are gathers)
     assert sh() == sh(n_heads=1) == par(n_heads=1)
     assert par(n_heads=1) < seq() and par() < seq()
+    # detached drafters at a quarter of the positions: their unembedding a quarter as often, without its weight
+    # gradient (4 of the 6); head 1's as before
+    det = make(mtp_style="sequential", mtp_detach=True).flops_per_token
+    assert det(draft_rate=0.25) - det(n_heads=1, draft_rate=0.25) == (cfg.n_predict - 1) * (6 * depth + 4 * lm / 4 + 12 * D * T)
 
 
 def test_sequential_depths_are_modules_of_their_own():

@@ -15,7 +15,7 @@ import torch
 
 import sample
 from loss import ModelWithLoss
-from model import KVCache, Model, ModelConfig
+from model import ONEDNN, KVCache, Model, ModelConfig
 from sample import DraftPolicy, generate, probs_from
 
 V = 16
@@ -159,11 +159,87 @@ def test_verify_pass_computes_only_the_logits_it_needs(trained, request, monkeyp
                         or real(self, h, cache))
     monkeypatch.setattr(DraftPolicy, "choose", lambda self: self.n)  # always all drafts
     _, stats = generate(model, [3, 1, 4], 40, speculative=True)
-    n = model.cfg.n_predict
-    # per forward: head 1 at the fed token and its drafts (1 + d rows), the drafting heads at one position (d rows
-    # at once, or one row per sequential depth)
-    assert max(rows) <= n and sum(rows) <= stats["forwards"] * (2 * n - 1)
-    assert sum(rows) < stats["forwards"] * n * n  # the old way: every head at every fed position
+    n, forwards, failed = model.cfg.n_predict, stats["forwards"], stats["drafts_fed"] - stats["drafts_accepted"]
+    # per forward: head 1 at the fed token and its drafts (1 + d rows) and the drafting heads at the last fed position
+    # (d rows), in one call; after a rejection, the drafting heads again at the last kept position. Sequential depths
+    # draft one row at a time after the forward.
+    assert max(rows) <= 2 * n - 1 and sum(rows) <= forwards * (2 * n - 1) + failed * (n - 1)
+    assert sum(rows) < forwards * n * n  # the old way: every head at every fed position
+    if model.cfg.mtp_style == "parallel":  # one pass over the unembedding per forward while the drafts hold
+        assert failed < forwards / 4 and len(rows) <= forwards + failed, (len(rows), stats)
+
+
+def test_batched_drafting_heads_equal_their_modules(monkeypatch):
+    # parallel heads decode heads 2..d+1 as one batched block on weights stacked per KV cache; each head's own module
+    # (catch-up, a subset of heads) reads and writes the same keys and values: any mix of the two paths must give
+    # what each module alone gives, in float32 within 1e-5 and with the same drafts
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=64, seq_len=64, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
+                              n_predict=4, mtp_style="parallel")).eval()
+    ids = torch.randint(0, 64, (1, 40))
+    batched_calls = []
+    real = Model._decode_drafters
+    monkeypatch.setattr(Model, "_decode_drafters", lambda self, *a: batched_calls.append(a[1]) or real(self, *a))
+    # (tokens fed, heads): plain feeds leave the drafting heads behind, heads [0, 1] leave 3 and 4 further behind,
+    # [0, 2] is not a prefix (module by module); the batched path starts where the furthest behind is
+    steps = [(10, range(4)), (2, [0]), (3, [0, 1]), (4, range(4)), (1, range(3)), (3, [0, 2]), (1, [0]), (4, range(4))]
+    caches = {"batched": KVCache(model, 64), "modules": KVCache(model, 64)}
+    caches["modules"].drafters = None
+    out = {k: [] for k in caches}
+    with torch.no_grad():
+        for name, cache in caches.items():
+            t = 0
+            for T, heads in steps:
+                out[name].append((list(heads), model(ids[:, t:t + T], kv_cache=cache, heads=heads).hidden[:, 0]))
+                t += T
+        full = model(ids[:, :t]).hidden[:, 0]
+    assert batched_calls == [3, 3, 2, 3]  # d of each batched call: the prefixes of two heads or more
+    t = 0
+    for (heads, h_b), (_, h_m), (T, _) in zip(out["batched"], out["modules"], steps):
+        torch.testing.assert_close(h_b, h_m, rtol=0, atol=1e-5)
+        torch.testing.assert_close(h_b, full[heads, t:t + T], rtol=0, atol=1e-5)
+        drafts = [model.logits(h[:, -1], caches[k]).argmax(-1).tolist() for k, h in zip(caches, (h_b, h_m))]
+        assert drafts[0] == drafts[1]
+        t += T
+    # a negative control: the batched block on another head's stacked weights is not the modules' computation
+    cache = KVCache(model, 64)
+    cache.drafters = {k: w.flip(0) if w.dim() == 3 else w for k, w in cache.drafters.items()}
+    with torch.no_grad():
+        h = model(ids[:, :10], kv_cache=cache).hidden[:, 0]
+    assert (h[1:] - full[1:, :10]).abs().max() > 1e-3  # 100 times the tolerance above
+
+
+def test_unembedding_of_a_few_rows_is_the_matmul(cyclic_model):
+    # decoding scores several rows with oneDNN's packed float32 matmul (one row: the matrix-vector product); the same
+    # logits as the plain product, and greedy speculative decoding of a float32 model is still plain greedy decoding
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=1000, seq_len=64, n_layer=1, n_head=2, n_embd=32, n_experts=4, top_k=2,
+                              n_predict=4, mtp_style="parallel")).eval()
+    cache = KVCache(model, 64, vocab=999)
+    w = model.lm_head.weight[:999].detach()
+    for rows in (1, 2, 4, 7, 16):
+        h = torch.randn(rows, 32)
+        torch.testing.assert_close(model.logits(h, cache), h @ w.t(), rtol=1e-5, atol=1e-6)
+    h = torch.randn(3, 5, 32)[:, 2]  # a strided view, as generate() passes the drafting heads' rows
+    torch.testing.assert_close(model.logits(h, cache), h @ w.t(), rtol=1e-5, atol=1e-6)
+    assert (cache.unembed_packed is not None) == ONEDNN  # the packed path ran where it exists
+    f32 = copy.deepcopy(cyclic_model[0]).float()
+    for prompt in ([3, 1, 4], [9, 2]):
+        spec, stats = generate(f32, prompt, 40, speculative=True)
+        assert spec == generate(f32, prompt, 40)[0]
+        assert stats["drafts_accepted"] > 0
+
+
+def test_bench_decoding_rows():
+    # bench.py times sample.py's own decoding steps on the default model's shape, parallel heads and sequential
+    # depths: every case present, in milliseconds
+    import bench
+    n = ModelConfig().n_predict - 1
+    by_d = {f"{d}_{k}" for d in range(1, n + 1) for k in ("held", "first_fails")}
+    for style, extra in (("parallel", {f"{n}_held_heads_one_by_one"}), ("sequential", set())):
+        r = bench.decode_bench(style, reps=2)
+        assert r["style"] == style and set(r["ms"]) == {"plain"} | by_d | extra
+        assert all(v > 0 for v in r["ms"].values()) and r["ratio"]["plain"] == 1.0
 
 
 def test_drafting_stops_when_drafts_fail(cyclic_model):
@@ -283,7 +359,9 @@ def test_bench_runs_for_every_style(trained_dir, capsys):
     fields = {k: state["config"][k] for k in checkpoint.MODEL_FIELDS if k in state["config"]}
     for style in ("parallel", "sequential", "shared"):
         torch.manual_seed(0)
-        model = Model(ModelConfig(**{**fields, "mtp_style": style})).eval()
+        # shared logits have no drafters to detach: the run's mtp_detach does not carry over to them
+        detach = fields.get("mtp_detach", False) and style != "shared"
+        model = Model(ModelConfig(**{**fields, "mtp_style": style, "mtp_detach": detach})).eval()
         r = sample.bench(model, state, dict(bench_prompts=2, max_new_tokens=6))
         assert r["speedup_median"] > 0 and r["tokens_per_forward"] >= 1.0
         if style == "shared":

@@ -51,3 +51,30 @@ def test_style_trains_the_same_under_ddp_fsdp_and_resume(tmp_path, style):
                            timeout=300)  # shared logits decode plainly: test_sample.py
         assert r.returncode == 0 and r.stdout.startswith("def f("), r.stderr
         assert "identical to plain greedy: True" in r.stderr, r.stderr
+
+
+def test_detached_drafters_train_like_one_head_under_ddp_fsdp_and_resume(tmp_path):
+    """mtp_detach with sampled positions (the default's drafters): the next-token losses are a 1-head run's, step
+    for step, through the stage where the depths join (trunk and head 1 start the same and get the same gradient and
+    step: the depths are clipped on their own); DDP = 1 process x 2 accumulation, FSDP2 the same math, a resume
+    across the stage change bit-exact."""
+    common = [*EXACT, "--mtp_style=sequential", "--grad_accum_steps=2"]
+    args = [*common, "--mtp_detach=True", "--mtp_sample=0.5", "--mtp_schedule=1@0.5;1,1,1,1", "--grad_clip=0.05"]
+    train_run(tmp_path / "one_head", *common, "--n_predict=1", "--mtp_schedule=1", "--grad_clip=0.05")
+    train_run(tmp_path / "one", *args)
+    nt = lambda out: [(r["step"], r["nt_loss"]) for r in metrics(out) if "loss" in r]  # noqa: E731
+    assert nt(tmp_path / "one") == nt(tmp_path / "one_head")  # identical floats, drafters or not
+    drafted = [r["loss_h2"] for r in metrics(tmp_path / "one") if "loss" in r]
+    assert drafted[:2] == [None, None] and None not in drafted[2:]  # the depths join at step 2
+    train_run(tmp_path / "ddp", *[a for a in args if a != "--grad_accum_steps=2"], nproc=2)
+    train_run(tmp_path / "fsdp", *[a for a in args if a != "--grad_accum_steps=2"], "--fsdp=True", nproc=2)
+    one = losses(tmp_path / "one")
+    assert losses(tmp_path / "ddp") == pytest.approx(one, rel=1e-12)
+    assert losses(tmp_path / "fsdp") == pytest.approx(one, rel=1e-10)
+    train_run(tmp_path / "split", *args, "--stop_after=2")
+    train_run(tmp_path / "split", *args, "--init_from=resume")
+    assert losses(tmp_path / "split") == one
+    ref, split = weights(tmp_path / "one" / "ckpt_0000004.pt"), weights(tmp_path / "split" / "ckpt_0000004.pt")
+    assert all(torch.equal(split[k], ref[k]) for k in ref)
+    at_2 = weights(tmp_path / "split" / "ckpt_0000002.pt")
+    assert not torch.equal(at_2["heads.1.merge.weight"], ref["heads.1.merge.weight"])  # the depths learned

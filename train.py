@@ -55,9 +55,11 @@ val_fraction = 0.01  # fraction of documents held out for evaluation (at least o
 cache_dir = ""  # token cache folder for text sources; "" means data_cache/ beside data.py
 # multi-token prediction: stages split by ';', each the head weights w_1,..,w_n, optionally '@' the fraction of
 # max_iters it lasts (stages without one share the rest equally); a head of weight 0 (or not listed) is not
-# computed. Default: 4 heads with halving weights for the first tenth of the run, then head 1 alone (README
-# "What the extra heads buy": at this size the heads cost next-token loss; this keeps the drafters)
-mtp_schedule = "1,.5,.25,.125@0.1;1"
+# computed. Default: head 1 alone for 90% of the run, then the 3 sequential depths too, detached (ModelConfig's
+# mtp_detach: the trunk learns exactly as with 1 head) at 1/16 of the positions: 3.4% more time than 1 head buys
+# drafters (README "What the extra heads buy")
+mtp_schedule = "1@0.9;1,1,1,1"
+mtp_sample = 0.0625  # fraction of each row's positions where heads 2..n learn (loss.sampled_columns); head 1 at all
 # optimizer
 optimizer = "muon"  # "muon": Muon for the weight matrices (each expert its own), AdamW for the rest; or "adamw"
 # (README "Muon or AdamW": 0.53 nats lower held-out loss than AdamW, each at its best of a sweep, same 240 steps)
@@ -112,8 +114,8 @@ def main(cfg):
     env, loader, raw_model, fwd, opt, ckpt = prepare(c)
     log, stages = env.log, env.stages
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
-    stage_flops = [raw_model.flops_per_token(heads=[k for k, w in enumerate(ws) if w > 0]) * tokens_per_step
-                   / env.world for _, ws in stages]  # model FLOPs of one step on one device, per stage
+    stage_flops = [raw_model.flops_per_token(heads=[k for k, w in enumerate(ws) if w > 0], draft_rate=c.mtp_sample)
+                   * tokens_per_step / env.world for _, ws in stages]  # model FLOPs of one step on one device, per stage
     peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
     announce(c, env, raw_model, tokens_per_step)
     stop_requested = []
@@ -138,14 +140,14 @@ def main(cfg):
 
         # 1. the step's batches, and N_k over the whole step (all micro-batches, all ranks) before any forward
         batches = [loader.next_batch() for _ in range(c.grad_accum_steps)]
-        n_k = sum(count_targets(b, c.n_predict) for b in batches)[heads].to(env.device)
+        n_k = sum(count_targets(b, c.n_predict, c.mtp_sample) for b in batches)[heads].to(env.device)
         if env.distributed:
             dist.all_reduce(n_k)
         coef = step_coefficients(n_k, head_w, env.world)
         # 2. forward and backward of each micro-batch
         step_sums = forward_backward(model, batches, heads, coef, env.autocast)
         # 3. reduce (one small collective), then step, or skip the step on every rank alike
-        grad_norm = full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or float("inf")))
+        grad_norm = clip_gradients(raw_model, c)
         step_sums["aux"] = step_sums["aux"] / env.world  # logged as the mean over micro-batches and ranks
         # a rank whose gradient is not finite (its norm) makes every rank skip: the replicas stay equal
         flags = dict(stop=torch.tensor([float(bool(stop_requested))], device=env.device),
@@ -262,6 +264,17 @@ def forward_backward(model, batches, heads, coef, autocast):
                      real=batch["attention_mask"].sum()[None], load=out.expert_counts.detach().flatten())
         tot = piece if tot is None else {k: tot[k] + v for k, v in piece.items()}
     return tot
+
+
+def clip_gradients(raw_model, c):
+    """Clip the global gradient norm to grad_clip -> the norm before clipping. With mtp_detach the drafting heads
+    (2..n) are clipped on their own: the trunk and head 1 then take exactly a 1-head model's step."""
+    if not c.mtp_detach:
+        return full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or float("inf")))
+    drafters = {id(p) for h in raw_model.heads[1:] for p in h.parameters()}
+    groups = ([p for p in raw_model.parameters() if id(p) not in drafters], raw_model.heads[1:].parameters())
+    norms = [full(torch.nn.utils.clip_grad_norm_(g, c.grad_clip or float("inf"))) for g in groups]
+    return torch.stack(norms).norm()
 
 
 def all_reduce_named(pieces, distributed):
@@ -387,6 +400,7 @@ def check_config(c):
     need(c.out_dir.strip() != "", "out_dir", "a folder name (an empty one would write into the current folder)")
     ModelConfig(**{k: getattr(c, k) for k in checkpoint.MODEL_FIELDS})  # the model's own checks
     parse_schedule(c.mtp_schedule, c.n_predict, c.max_iters)
+    need(0 < c.mtp_sample <= 1, "mtp_sample", "0 < mtp_sample <= 1 (the fraction of positions where heads 2..n learn)")
     dev = resolve_device(c.device)
     need(not (c.attn_backend == "flex" and dev.type != "cuda"), "attn_backend",
          "'sdpa' or 'auto' on a CPU (FlexAttention runs on CUDA here)")
@@ -463,7 +477,7 @@ def build(c, env):
     torch.manual_seed(c.seed + env.rank)  # dropout / router noise differ per rank
     if c.compile:
         raw_model.compile_blocks()
-    fwd = ModelWithLoss(raw_model)
+    fwd = ModelWithLoss(raw_model, c.mtp_sample)
     if c.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in list(raw_model.blocks) + list(raw_model.heads):
@@ -497,16 +511,27 @@ def run_facts(c, env):
 def restore(ckpt, raw_model, opt, loader, c, env):
     """Refuse a checkpoint of another shape, data or seed (the differing fields named), then load it."""
     # a model field the checkpoint predates has the default, which keeps the behaviour of before it existed
-    old = {"optimizer": "adamw", **asdict(ModelConfig()), **ckpt["config"]}
+    old = {"optimizer": "adamw", **asdict(checkpoint.model_config(ckpt["config"])), **ckpt["config"]}
     new, path = run_facts(c, env), env.resume_path
     allowed = {"world_size"} if c.allow_world_size_change else set()
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_MUST_MATCH
             if k not in allowed and old.get(k) != new.get(k)]
     if diff:
         raise ValueError(f"checkpoint {path} does not match this run: " + "; ".join(diff))
+    # a head the schedule has not run yet has no optimizer state (e.g. drafters that join late): only those may lack it
+    ran = set().union(*(raw_model.head_modules_run([k for k, w in enumerate(ws) if w > 0])
+                        for start, ws in env.stages if start < ckpt["step"]))
+    stateless = [n for n, _ in raw_model.named_parameters() if n not in ckpt["optimizer"]["state"]
+                 and not (n.startswith("heads.") and int(n.split(".")[1]) not in ran)]
     try:  # full state dicts: the same file serves one process, DDP and FSDP (each rank takes its shard)
+        if stateless:
+            raise KeyError(f"no optimizer state for {', '.join(stateless[:5])}")
         set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(raw_model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(raw_model, opt, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        for n, p in raw_model.named_parameters():  # the loader gave the stateless ones a state (a zero-lr step, so
+            if n not in ckpt["optimizer"]["state"]:  # AdamW's step count 1): back to never stepped, as uninterrupted
+                opt.state.pop(p, None)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: its model or optimizer state does not fit "
                          f"({type(e).__name__}: {str(e)[:300]})") from None
