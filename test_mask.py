@@ -246,7 +246,8 @@ def test_accumulation_does_not_change_the_math(style):
     model = make_model(style)
     batch, micro = uneven_batch()
     for rate in (1.0, 0.25):
-        whole, split = accumulated_grads(model, [batch], draft_rate=rate), accumulated_grads(model, micro, draft_rate=rate)
+        whole = accumulated_grads(model, [batch], draft_rate=rate)
+        split = accumulated_grads(model, micro, draft_rate=rate)
         for name in whole:
             torch.testing.assert_close(whole[name], split[name], **TOL)
         wrong = accumulated_grads(model, micro, normalize_per_micro_batch=True, draft_rate=rate)  # negative control

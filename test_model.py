@@ -139,7 +139,8 @@ def test_flops_per_style_by_hand():
     # detached drafters at a quarter of the positions: their unembedding a quarter as often, without its weight
     # gradient (4 of the 6); head 1's as before
     det = make(mtp_style="sequential", mtp_detach=True).flops_per_token
-    assert det(draft_rate=0.25) - det(n_heads=1, draft_rate=0.25) == (cfg.n_predict - 1) * (6 * depth + 4 * lm / 4 + 12 * D * T)
+    per_depth = 6 * depth + 4 * lm / 4 + 12 * D * T
+    assert det(draft_rate=0.25) - det(n_heads=1, draft_rate=0.25) == (cfg.n_predict - 1) * per_depth
 
 
 def test_sequential_depths_are_modules_of_their_own():

@@ -115,7 +115,7 @@ def main(cfg):
     log, stages = env.log, env.stages
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum_steps * env.world
     stage_flops = [raw_model.flops_per_token(heads=[k for k, w in enumerate(ws) if w > 0], draft_rate=c.mtp_sample)
-                   * tokens_per_step / env.world for _, ws in stages]  # model FLOPs of one step on one device, per stage
+                   * tokens_per_step / env.world for _, ws in stages]  # model FLOPs of one step on one device each
     peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
     announce(c, env, raw_model, tokens_per_step)
     stop_requested = []
