@@ -32,7 +32,7 @@ HERE = Path(__file__).parent
 TINY = ["--optimizer=adamw", "--learning_rate=3e-3",  # the tests' optimizer (test_fsdp.py tests Muon's guarantees)
         "--seq_len=32", "--n_embd=32", "--n_head=2", "--n_layer=1", "--batch_size=2", "--eval_iters=1",
         "--log_interval=1", "--eval_interval=100", "--warmup_iters=2", "--mtp_schedule=1,1,1,1",  # 4 heads throughout
-        "--mtp_style=parallel", "--mtp_detach=False", "--mtp_sample=1"]  # attached parallel heads (test_styles: the rest)
+        "--mtp_style=parallel", "--mtp_detach=False", "--mtp_sample=1"]  # attached parallel heads
 LAUNCHER = """import os, sys
 sys.path.insert(0, {here!r})
 import torch, train, loss, model
