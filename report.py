@@ -82,8 +82,12 @@ def announce(c, env, raw_model, tokens_per_step):
         log(f"note: heads {never} have weight 0 in every stage of mtp_schedule={c.mtp_schedule!r}: never trained")
     n_total, n_active = raw_model.param_counts()
     log(f"config: {json.dumps(vars(c))}")
+    detached = c.mtp_detach and c.n_predict > 1 and c.mtp_style != "shared"
+    drafters = (f", heads 2..n detached and at {c.mtp_sample:g} of the positions" if detached else
+                f", heads 2..n at {c.mtp_sample:g} of the positions" if c.mtp_sample < 1 else "")
+    mflop = raw_model.flops_per_token(draft_rate=c.mtp_sample) / 1e6
     log(f"parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token; "
-        f"{raw_model.flops_per_token() / 1e6:.1f} MFLOP per token (training, all heads)")
+        f"{mflop:.1f} MFLOP per token (training, all heads{drafters})")
     log(f"tokens per step: {tokens_per_step} = batch_size {c.batch_size} x seq_len {c.seq_len} x grad_accum_steps "
         f"{c.grad_accum_steps} x world_size {env.world}; device {env.device}, compile {c.compile}, "
         f"{'FSDP2' if c.fsdp else 'DDP' if env.distributed else 'one process'}")

@@ -43,6 +43,10 @@ STUDIES = {
         "seq_det_s16_late10_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
                                   "--mtp_schedule=1@0.9;1,1,1,1", "--max_iters=720"],
         "one_head_eq_x3": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=745"],
+        # the same pair with another seed (other initial weights and data order)
+        "seq_det_s16_late10_seed1": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                                     "--mtp_schedule=1@0.9;1,1,1,1", "--seed=1"],
+        "one_head_eq_seed1": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=248", "--seed=1"],
     },
 }
 
@@ -77,17 +81,19 @@ def row_result(study, name, args, out, wall):
     return dict(study=study, row=name, args=args, steps=train[-1]["step"], wall_s=wall and round(wall, 1),
                 train_s=round(train[-1]["elapsed_s"], 1), val_nt_loss=last_eval["val_nt_loss"],
                 val_tokens_per_forward=last_eval["val_tokens_per_forward"],
+                accept=[last_eval.get(f"val_accept_h{k}") for k in range(2, 5)],  # heads 2..4 (None if absent)
                 tokens_per_s=sorted(r["tokens_per_s"] for r in train if r["tokens_per_s"])[len(train) // 2],
                 matmul_gflops=round(matmul_gflops()), when=time.strftime("%Y-%m-%d %H:%M"))
 
 
 def table(study, results):
     rows = [r for r in results if r["study"] == study]
-    print(f"{'row':22s} {'arguments':62s} {'steps':>5s} {'time':>7s} {'val_nt_loss':>11s} {'tok/fwd':>7s} "
-          f"{'tok/s':>6s} {'matmul':>7s}")
+    print(f"{'row':26s} {'arguments':62s} {'steps':>5s} {'time':>7s} {'val_nt_loss':>11s} {'tok/fwd':>7s} "
+          f"{'accept h2..h4':>15s} {'tok/s':>6s} {'matmul':>7s}")
     for r in sorted(rows, key=lambda r: r["row"]):
-        print(f"{r['row']:22s} {' '.join(r['args']):62s} {r['steps']:5d} {r['train_s']:6.0f}s {r['val_nt_loss']:11.4f} "
-              f"{r['val_tokens_per_forward']:7.2f} {r['tokens_per_s']:6.0f} {r['matmul_gflops']:4d} GF/s")
+        acc = " ".join(f"{a:.2f}" if a is not None else "   -" for a in r.get("accept") or [None] * 3)
+        print(f"{r['row']:26s} {' '.join(r['args']):62s} {r['steps']:5d} {r['train_s']:6.0f}s {r['val_nt_loss']:11.4f} "
+              f"{r['val_tokens_per_forward']:7.2f} {acc:>15s} {r['tokens_per_s']:6.0f} {r['matmul_gflops']:4d} GF/s")
 
 
 def main(argv):

@@ -478,7 +478,8 @@ def test_sequential_inputs_by_hand():
 if __name__ == "__main__":
     failed = passed = 0
     for fn in [f for n, f in list(globals().items()) if n.startswith("test_")]:
-        styles = MTP_STYLES if "style" in inspect.signature(fn).parameters else [None]
+        marks = [m.args[1] for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]  # pytest's styles
+        styles = (marks[0] if marks else MTP_STYLES) if "style" in inspect.signature(fn).parameters else [None]
         for style in styles:
             tag = f"[{style}] " if style else ""
             try:

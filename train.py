@@ -269,12 +269,10 @@ def forward_backward(model, batches, heads, coef, autocast):
 def clip_gradients(raw_model, c):
     """Clip the global gradient norm to grad_clip -> the norm before clipping. With mtp_detach the drafting heads
     (2..n) are clipped on their own: the trunk and head 1 then take exactly a 1-head model's step."""
-    if not c.mtp_detach:
-        return full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip or float("inf")))
-    drafters = {id(p) for h in raw_model.heads[1:] for p in h.parameters()}
-    groups = ([p for p in raw_model.parameters() if id(p) not in drafters], raw_model.heads[1:].parameters())
+    drafters = {id(p) for h in raw_model.heads[1:] for p in h.parameters()} if c.mtp_detach else set()
+    groups = [g for g in ([p for p in raw_model.parameters() if (id(p) in drafters) == d] for d in (0, 1)) if g]
     norms = [full(torch.nn.utils.clip_grad_norm_(g, c.grad_clip or float("inf"))) for g in groups]
-    return torch.stack(norms).norm()
+    return norms[0] if len(norms) == 1 else torch.stack(norms).norm()
 
 
 def all_reduce_named(pieces, distributed):
@@ -351,6 +349,8 @@ def prepare(c):
         loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, env.rank, env.world, c.seed, env.device,
                               c.val_fraction, c.cache_dir or None, quiet=not env.master)
         env.fingerprint = loader.corpus.fingerprint
+        env.token_counts = torch.from_numpy(np.bincount(np.concatenate([loader.corpus.tokens(d) for d in loader.docs]),
+                                                        minlength=GPT2_VOCAB)[:GPT2_VOCAB].astype(np.int64))
         longest = int(min(c.seq_len, loader.corpus.length[loader.docs].max()))
         for k in range(longest, c.n_predict + 1):
             env.log(f"warning: head {k} has no target: the longest training document has {longest} tokens "
@@ -559,7 +559,8 @@ def save(step, val, raw_model, opt, loader, c, env, elapsed):
             return False
         state = dict(model=model_sd, optimizer=optim_sd, step=step, config=run_facts(c, env), run=env.run_id,
                      loader=loaders, rng=rngs, elapsed_s=elapsed, val_loss=val and val["val_loss"],
-                     val_nt_loss=val and val["val_nt_loss"])
+                     val_nt_loss=val and val["val_nt_loss"],
+                     token_counts=getattr(env, "token_counts", None))  # unigram counts of the training split: sample.py
         env.log(f"saved {checkpoint.save_checkpoint(c.out_dir, step, state, c.keep_last)}")
         return True
     return on_rank0(env, act)
