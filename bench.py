@@ -237,13 +237,16 @@ def decode_bench(style=None, reps=15 if QUICK else 60, prompt=64):
     cfg = ModelConfig() if style is None else replace(ModelConfig(), mtp_style=style)
     model = Model(cfg).to(DEV).eval()
     n, parallel = cfg.n_predict - 1, cfg.mtp_style == "parallel"
-    cache = KVCache(model, cfg.seq_len, vocab=data.GPT2_VOCAB)
+    N = 0 if parallel else sample.DEFAULTS["draft_vocab"]  # sequential: drafts over N ids (any N: times only)
+    shortlist = torch.randperm(data.GPT2_VOCAB)[:N] if 0 < N < data.GPT2_VOCAB else None
+    cache = KVCache(model, cfg.seq_len, vocab=data.GPT2_VOCAB, shortlist=shortlist)
     with torch.no_grad():
         model(torch.randint(0, data.GPT2_VOCAB, (1, prompt), device=DEV), kv_cache=cache)
 
-    def forward(d, kept=None, batched=True):
+    def forward(d, kept=None, batched=True, full_vocab=False):
         cache.truncate(prompt)
         drafters, cache.drafters = cache.drafters, cache.drafters if batched else None
+        draft_DV, cache.draft_DV = cache.draft_DV, None if full_vocab else cache.draft_DV
         heads = range(d + 1) if parallel else [0]
         hidden = model(torch.arange(1, d + 2, device=DEV)[None], kv_cache=cache, heads=heads).hidden[:, 0]
         cache.drafters = drafters
@@ -253,11 +256,14 @@ def decode_bench(style=None, reps=15 if QUICK else 60, prompt=64):
             kept = d if kept is None else kept
             cache.truncate(prompt + kept + 1)
             sample.make_drafts(model, cache, hidden[1:, kept], best[kept], d, None, None, ahead if kept == d else None)
+        cache.draft_DV = draft_DV
     cases = {"plain": lambda: forward(0)}
     for d in range(1, n + 1):
         cases[f"{d}_held"], cases[f"{d}_first_fails"] = (lambda d=d: forward(d)), (lambda d=d: forward(d, kept=0))
     if parallel:
         cases[f"{n}_held_heads_one_by_one"] = lambda: forward(n, batched=False)
+    if cache.draft_DV is not None:
+        cases[f"{n}_held_full_vocab"] = lambda: forward(n, full_vocab=True)
     times = {k: [] for k in cases}
     with torch.no_grad():
         for f in cases.values():
@@ -270,7 +276,8 @@ def decode_bench(style=None, reps=15 if QUICK else 60, prompt=64):
                 sync()
                 times[k].append(time.perf_counter() - t0)
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    return dict(style=cfg.mtp_style, ms=ms, ratio={k: v / ms["plain"] for k, v in ms.items()}, reps=reps, n_drafts=n)
+    return dict(style=cfg.mtp_style, ms=ms, ratio={k: v / ms["plain"] for k, v in ms.items()}, reps=reps, n_drafts=n,
+                draft_vocab=N)
 
 
 def decode_styles():
@@ -293,7 +300,9 @@ def report_decode(rows):
         print("  by drafts, x plain, every draft holds / the first fails: " + ", ".join(
             f"{d}: {ratio[f'{d}_held']:.2f} / {ratio[f'{d}_first_fails']:.2f}" for d in range(1, n + 1))
             + (f"; {n} drafts with each drafting head on its own module: {ratio[one_by_one]:.2f}x"
-               if one_by_one in ratio else ""))
+               if one_by_one in ratio else "")
+            + (f"; drafts over a shortlist of {r['draft_vocab']} ids, {n} drafts over the full vocabulary: "
+               f"{ratio[f'{n}_held_full_vocab']:.2f}x" if f"{n}_held_full_vocab" in ratio else ""))
 
 
 def main():

@@ -702,6 +702,15 @@ class PackedLoader:
         self.epoch, self.window, self.row = int(state["epoch"]), int(state["window"]), int(state["row"])
 
 
+def token_counts(corpus, docs):
+    """Unigram counts (GPT2_VOCAB,) int64 of documents `docs` of a Corpus, each read as tokens() reads it: a
+    checkpoint's `token_counts` (train.py saves the training split's; sample.py drafts over the most frequent)."""
+    if not len(docs):
+        return torch.zeros(GPT2_VOCAB, dtype=torch.long)
+    tokens = np.concatenate([corpus.tokens(d) for d in docs])
+    return torch.from_numpy(np.bincount(tokens, minlength=GPT2_VOCAB)[:GPT2_VOCAB].astype(np.int64))
+
+
 def packing_report(seq_lens=(256, 512, 1024), source=None):
     """Fraction of real tokens, packed vs one document (chunk) per padded row, over one epoch of the train split."""
     corpus, out = Corpus(source, quiet=True), {}

@@ -167,7 +167,7 @@ class KVCache:
     position s only once token s + i is fed (what it ran beyond, on the next token and on drafts, the next
     decode_depth() recomputes), and a rollback to n positions leaves it n - i of them."""
 
-    def __init__(self, model, max_len, batch=1, vocab=None):
+    def __init__(self, model, max_len, batch=1, vocab=None, shortlist=None):
         cfg, p = model.cfg, next(model.parameters())
         kv, hd = cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
         self.kv = {m: (p.new_zeros(batch, kv, max_len, hd), p.new_zeros(batch, kv, max_len, hd))
@@ -192,6 +192,18 @@ class KVCache:
         # reads this layout up to 1.8x faster than lm_head.weight.t() (vocab: drop the padding ids up front)
         self.unembed_DV = model.lm_head.weight[:vocab].detach().t().contiguous()
         self.unembed_packed = None  # oneDNN's copy for several rows at once, made by the first such call (unembed())
+        # sequential depths' drafts over a shortlist of frequent ids only (FR-Spec, Zhao et al. 2025): `shortlist`
+        # (N,) ascending ids, draft_DV its own contiguous (D, N) copy of their columns, small enough to stay in the
+        # CPU's cache, where a pass over all 50k columns reads 25 MB from memory per depth. Verification keeps the
+        # full vocabulary (unembed()), so a draft outside the shortlist is only a draft never proposed.
+        self.shortlist = self.draft_DV = None
+        if shortlist is not None:
+            ids = torch.as_tensor(shortlist, dtype=torch.long).to(p.device).unique()  # sorted: ties break as argmax
+            if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < self.unembed_DV.shape[1]:
+                raise ValueError(f"shortlist ids in [{int(ids[0])}, {int(ids[-1])}], expected ids in "
+                                 f"[0, {self.unembed_DV.shape[1]})")
+            if 0 < len(ids) < self.unembed_DV.shape[1]:
+                self.shortlist, self.draft_DV = ids, self.unembed_DV[:, ids].contiguous()
 
     def unembed(self, h):
         """(..., D) -> (..., vocab) logits. One row: a matrix-vector product over unembed_DV, the fastest there.
@@ -203,6 +215,13 @@ class KVCache:
                 self.unembed_packed = torch.ops.mkldnn._reorder_linear_weight(self.unembed_DV.t().contiguous())
             return torch.ops.mkldnn._linear_pointwise(h, self.unembed_packed, None, "none", [None], "")
         return h @ self.unembed_DV
+
+    def draft_logits(self, h):
+        """(..., D) -> (logits (..., N) over the shortlist's ids, those ids (N,)); without a shortlist, the full
+        logits (unembed()) and None."""
+        if self.draft_DV is None:
+            return self.unembed(h), None
+        return h @ self.draft_DV, self.shortlist
 
     def truncate(self, n):
         self.pos = n

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model
-from data import EOT, GPT2_VOCAB, Corpus, get_tokenizer
+from data import EOT, GPT2_VOCAB, Corpus, get_tokenizer, token_counts
 from model import KVCache
 from settings import parse_config, resolve_device
 
@@ -51,6 +51,7 @@ DEFAULTS = dict(
     speculative=True,  # draft with heads 2..n; also times plain decoding on the same prompt for the speedup
     bench=False,  # measure plain vs speculative greedy decoding on held-out prompts instead of sampling
     bench_prompts=20,  # bench: prompts, the first tokens of this many held-out documents
+    draft_vocab=4096,  # sequential depths draft over the draft_vocab most frequent training ids only; 0 = all
     device="auto",
 )
 
@@ -159,8 +160,9 @@ def tell_once(msg):
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, gen=None,
-             speculative=False, on_token=None):
-    """prompt: list of ids (starting with EOT) -> (new ids, stats). Stops at EOT or the context length."""
+             speculative=False, on_token=None, shortlist=None):
+    """prompt: list of ids (starting with EOT) -> (new ids, stats). Stops at EOT or the context length.
+    shortlist: ids the sequential depths draft over (shortlist_of()); None, the full vocabulary."""
     model.eval()
     seq_len, n, style = model.cfg.seq_len, model.cfg.n_predict, model.cfg.mtp_style
     if speculative and style == "shared" and n > 1:
@@ -174,7 +176,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     dist = lambda logits: probs_from(logits, temperature, top_k, top_p)
     gen = None if temperature == 0 else (gen or torch.Generator().manual_seed(0))
     dev = next(model.parameters()).device
-    cache = KVCache(model, seq_len, vocab=GPT2_VOCAB)  # logits over GPT-2's ids only: padding ids never come out
+    cache = KVCache(model, seq_len, vocab=GPT2_VOCAB,  # logits over GPT-2's ids only: padding ids never come out
+                    shortlist=shortlist if speculative and style == "sequential" else None)
     policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None, style=style if speculative else "parallel")
     out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
     d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
@@ -255,12 +258,16 @@ def make_drafts(model, cache, heads_nD, nxt, n, dist, gen, logits=None):
     if model.cfg.mtp_style == "sequential":
         ids, qs = torch.tensor([[nxt]], device=cache.trunk.device), []
         for j in range(1, n + 1):
-            logits = model.logits(model.decode_depth(j, ids, cache), cache)  # (1, V)
+            logits, shortlist = cache.draft_logits(model.decode_depth(j, ids, cache))  # (1, N) over shortlist ids
             if gen is None:  # greedy drafts stay on the device until the last one
-                ids = torch.cat([ids, logits.argmax(-1)[None]], dim=1)
-            else:
-                qs.append(dist(logits[0]).cpu())
-                ids = torch.cat([ids, ids.new_tensor([[pick(qs[-1], gen)]])], dim=1)
+                best = logits.argmax(-1)
+                ids = torch.cat([ids, (best if shortlist is None else shortlist[best])[None]], dim=1)
+            else:  # q: the shortlist's softmax, zero outside it (the residual max(0, p - q) covers the rest)
+                q_short = dist(logits[0]).cpu()
+                q_full = q_short if shortlist is None else q_short.new_zeros(cache.unembed_DV.shape[1]).index_copy_(
+                    0, shortlist.cpu(), q_short)
+                qs.append(q_full)
+                ids = torch.cat([ids, ids.new_tensor([[pick(q_full, gen)]])], dim=1)
         return ids[0, 1:].tolist(), torch.stack(qs) if qs else None
     logits = model.logits(heads_nD, cache) if logits is None else logits
     if gen is None:
@@ -275,6 +282,7 @@ def check_settings(c):
                             ("temperature", 0 <= c["temperature"] < math.inf, "finite and >= 0 (0 is greedy)"),
                             ("top_k", c["top_k"] >= 0, ">= 0"), ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"),
                             ("bench_prompts", c["bench_prompts"] >= 1, ">= 1"),
+                            ("draft_vocab", c["draft_vocab"] >= 0, ">= 0 (0: the full vocabulary)"),
                             # torch.Generator takes seeds below 2**64; sample s draws plainly from seed + s
                             ("seed", 0 <= c["seed"] < 2**63, "0 <= seed < 2**63")):
         if not ok:
@@ -311,6 +319,29 @@ def held_out(state):
     return corpus, corpus.split("val", cfg["val_fraction"])
 
 
+def shortlist_of(model, state, n):
+    """The n most frequent training ids (ascending) from a checkpoint's `token_counts`, for the sequential depths'
+    drafts; a checkpoint without them (older ones) gets them from its corpus' training split when that loads and
+    is the data it was trained on. None (draft over the full vocabulary, said once on stderr) when n is 0, covers
+    the vocabulary, or no counts can be had."""
+    cfg = state.get("config") or {}
+    if n <= 0 or n >= GPT2_VOCAB or model.cfg.mtp_style != "sequential":
+        return None
+    counts = state.get("token_counts")
+    if counts is None:
+        try:
+            corpus = Corpus(cfg["data"], cache_dir=cfg.get("cache_dir") or None, quiet=True)
+            if cfg.get("data_fingerprint") not in (None, corpus.fingerprint):
+                raise ValueError("its data changed since training")
+            counts = token_counts(corpus, corpus.split("train", cfg["val_fraction"]))
+        except (ValueError, KeyError, OSError) as e:
+            tell_once(f"note: the checkpoint has no token_counts and its training data cannot be read ({e}): the "
+                      f"depths draft over the full vocabulary")
+            return None
+    counts = torch.as_tensor(counts, dtype=torch.long)[:GPT2_VOCAB]
+    return torch.topk(counts, n, sorted=False).indices.sort().values
+
+
 def first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -329,7 +360,8 @@ def bench(model, state, c, prompt_len=32, stride=1024):
     if len(starts) < c["bench_prompts"]:
         raise ValueError(f"bench: the held-out documents give {len(starts)} prompts of {prompt_len} tokens, "
                          f"bench_prompts={c['bench_prompts']} asked")
-    generate(model, corpus.tokens(*starts[0], prompt_len).tolist(), 8, speculative=True)  # warm-up
+    shortlist = shortlist_of(model, state, c.get("draft_vocab", DEFAULTS["draft_vocab"]))
+    generate(model, corpus.tokens(*starts[0], prompt_len).tolist(), 8, speculative=True, shortlist=shortlist)
     rows, mismatches = [], []  # mismatches: (document, offset, first differing position of the new tokens)
     for d, o in starts:
         if o == 0:
@@ -337,7 +369,7 @@ def bench(model, state, c, prompt_len=32, stride=1024):
         else:
             prompt = [EOT] + corpus.tokens(d, o, prompt_len - 1).tolist()
         plain_ids, plain = generate(model, prompt, c["max_new_tokens"])
-        spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True)
+        spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True, shortlist=shortlist)
         if spec_ids != plain_ids:
             mismatches.append((int(d), o, first_difference(spec_ids, plain_ids)))
         rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"]))
@@ -375,12 +407,13 @@ def main(c):
                          f"seq_len={model.cfg.seq_len}: give fewer than {model.cfg.seq_len - 1} tokens of text")
     print(f"prompt {len(prompt)} tokens", file=sys.stderr)
     gen = torch.Generator().manual_seed(c["seed"])
+    shortlist = shortlist_of(model, state, c["draft_vocab"]) if c["speculative"] else None
     for s in range(c["num_samples"]):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sys.stdout.write(text)
         stream = lambda tok: (sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(tok))), sys.stdout.flush())
         args = (model, prompt, c["max_new_tokens"], c["temperature"], c["top_k"], c["top_p"])
-        ids, stats = generate(*args, gen=gen, speculative=c["speculative"], on_token=stream)
+        ids, stats = generate(*args, gen=gen, speculative=c["speculative"], on_token=stream, shortlist=shortlist)
         sys.stdout.write(utf8.decode(b"", final=True) + "\n" + ("-" * 40 + "\n" if s + 1 < c["num_samples"] else ""))
         msg = f"sample {s + 1}: {stats['tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s"
         if c["speculative"]:

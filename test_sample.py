@@ -236,7 +236,7 @@ def test_bench_decoding_rows():
     import bench
     n = ModelConfig().n_predict - 1
     by_d = {f"{d}_{k}" for d in range(1, n + 1) for k in ("held", "first_fails")}
-    for style, extra in (("parallel", {f"{n}_held_heads_one_by_one"}), ("sequential", set())):
+    for style, extra in (("parallel", {f"{n}_held_heads_one_by_one"}), ("sequential", {f"{n}_held_full_vocab"})):
         r = bench.decode_bench(style, reps=2)
         assert r["style"] == style and set(r["ms"]) == {"plain"} | by_d | extra
         assert all(v > 0 for v in r["ms"].values()) and r["ratio"]["plain"] == 1.0
@@ -323,6 +323,73 @@ def test_speculative_sampling_keeps_head_1_distribution(trained, request, monkey
     assert tv < 0.05, (tv, exact, counts / n)
 
 
+SHORTLIST = [0, 1, 3, 4, 5, 9, 12]  # the pattern's 3, 1, 4, 5, 9 and two ids it never has; not its 2, 6, 7, 8
+
+
+def test_shortlist_greedy_speculative_equals_plain(cyclic_sequential, monkeypatch):
+    model, _ = cyclic_sequential
+    seen = []
+    real = KVCache.draft_logits
+    monkeypatch.setattr(KVCache, "draft_logits", lambda self, h: seen.append(self.draft_DV.shape) or real(self, h))
+    monkeypatch.setattr(DraftPolicy, "choose", lambda self: self.n)  # always all drafts
+    for prompt in ([3, 1, 4], [9, 2], [7]):
+        spec, stats = generate(model, prompt, 40, speculative=True, shortlist=SHORTLIST)
+        assert spec == generate(model, prompt, 40)[0]
+    assert seen and set(seen) == {(32, len(SHORTLIST))}  # the depths drafted over the shortlist's copy
+    assert 0 < stats["drafts_accepted"] < stats["drafts_fed"], stats  # drafts outside the shortlist are never made
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shortlist_drafts_are_the_restricted_argmax_and_q(cyclic_sequential, temperature):
+    model, _ = cyclic_sequential
+    short, full = KVCache(model, 64, shortlist=[12, 4, 0, 9, 3, 1, 5, 4]), KVCache(model, 64)  # any order, repeats
+    assert short.shortlist.tolist() == SHORTLIST and short.draft_DV.is_contiguous()
+    prompt, nxt = torch.tensor([[7, 9, 3, 1, 4]]), 1
+    with torch.no_grad():
+        for cache in (short, full):
+            model(prompt, kv_cache=cache, heads=[0])
+        dist = lambda logits: probs_from(logits, max(temperature, 1e-3), 0, 1.0)
+        gen = torch.Generator().manual_seed(0) if temperature else None
+        drafts, q = sample.make_drafts(model, short, None, nxt, 3, dist, gen)
+        ids, ids_list = torch.tensor([[nxt]]), torch.tensor(SHORTLIST)
+        for j, draft in enumerate(drafts, 1):  # the same depths over the full vocabulary, restricted afterwards
+            logits = model.logits(model.decode_depth(j, ids, full), full)[0]
+            if gen is None:
+                assert draft == SHORTLIST[int(logits[ids_list].argmax())]
+            else:
+                assert draft in SHORTLIST and q[j - 1].sum().item() == pytest.approx(1.0, abs=1e-6)
+                outside = torch.ones(V, dtype=torch.bool)
+                outside[ids_list] = False
+                assert (q[j - 1][outside] == 0).all()
+                torch.testing.assert_close(q[j - 1][ids_list], dist(logits[ids_list]))
+            ids = torch.cat([ids, torch.tensor([[draft]])], dim=1)
+    assert (q is None) == (gen is None)
+    assert KVCache(model, 64, shortlist=range(V)).draft_DV is None  # the whole vocabulary: no copy
+    with pytest.raises(ValueError, match="shortlist ids in"):
+        KVCache(model, 64, shortlist=[3, V])
+
+
+def test_speculative_sampling_with_a_shortlist_keeps_head_1_distribution(cyclic_sequential, monkeypatch):
+    # drafts from q over the shortlist only (zero elsewhere): the residual max(0, p - q) must supply the rest
+    model, _ = cyclic_sequential
+    monkeypatch.setattr(DraftPolicy, "choose", lambda self: self.n)
+    prompt, temp, n = [3, 1, 4], 2.0, 3000
+    with torch.no_grad():
+        p1 = probs_from(model.logits(model(torch.tensor([prompt])).hidden[0, 0, -1]), temp, 0, 1.0)
+        seqs = torch.tensor([prompt + [x] for x in range(V)])
+        exact = p1 @ probs_from(model.logits(model(seqs).hidden[0, :, -1]), temp, 0, 1.0)
+    gen, counts, fed = torch.Generator().manual_seed(0), torch.zeros(V), 0
+    for _ in range(n):
+        ids, stats = generate(model, prompt, 2, temperature=temp, gen=gen, speculative=True, shortlist=SHORTLIST)
+        counts[ids[1]] += 1
+        fed += stats["drafts_fed"]
+    assert fed > 0
+    outside = exact[[2, 6, 7, 8]].sum().item()  # mass outside the shortlist, which only the residual can give
+    assert outside > 0.02 and abs(counts[[2, 6, 7, 8]].sum().item() / n - outside) < 0.015  # ~100 of 3000 samples
+    tv = 0.5 * (counts / n - exact).abs().sum().item()
+    assert tv < 0.05, (tv, exact, counts / n)
+
+
 def test_tiny_temperature_is_greedy_and_nan_never_reaches_multinomial(cyclic_model):
     # logits / 1e-45 overflow float32: the naive softmax gives NaN (the negative control), which multinomial refused
     # with a traceback; the distribution must be its limit, all mass on the argmax
@@ -362,7 +429,7 @@ def test_bench_runs_for_every_style(trained_dir, capsys):
         # shared logits have no drafters to detach: the run's mtp_detach does not carry over to them
         detach = fields.get("mtp_detach", False) and style != "shared"
         model = Model(ModelConfig(**{**fields, "mtp_style": style, "mtp_detach": detach})).eval()
-        r = sample.bench(model, state, dict(bench_prompts=2, max_new_tokens=6))
+        r = sample.bench(model, state, dict(bench_prompts=2, max_new_tokens=6, draft_vocab=4096))
         assert r["speedup_median"] > 0 and r["tokens_per_forward"] >= 1.0
         if style == "shared":
             assert r["tokens_per_forward"] == 1.0
@@ -371,7 +438,7 @@ def test_bench_runs_for_every_style(trained_dir, capsys):
     # as if the user had given "a prompt of 32 tokens"
     torch.manual_seed(0)
     model = Model(ModelConfig(**{**fields, "seq_len": 32})).eval()
-    r = sample.bench(model, state, dict(bench_prompts=2, max_new_tokens=6))
+    r = sample.bench(model, state, dict(bench_prompts=2, max_new_tokens=6, draft_vocab=4096))
     assert r["mismatches"] == [] and "2 held-out prompts of 16 tokens" in capsys.readouterr().err
 
 
@@ -391,7 +458,7 @@ def test_bench_counts_speculative_differences_instead_of_failing(trained_dir, ca
             ids = ids[:3] + [-1]
         return ids, stats
     monkeypatch.setattr(sample, "generate", flaky)
-    r = sample.bench(model, state, dict(bench_prompts=3, max_new_tokens=6))
+    r = sample.bench(model, state, dict(bench_prompts=3, max_new_tokens=6, draft_vocab=4096))
     assert len(r["mismatches"]) == 1 and r["mismatches"][0][2] == first[0], (r["mismatches"], first)
     d, o, i = r["mismatches"][0]
     assert "differs from plain on 1 of 3 prompts" in (err := capsys.readouterr().err) and f"({d}, {o}, {i})" in err
@@ -419,6 +486,35 @@ def trained_dir(tmp_path_factory):
                     "--n_layer=1", "--batch_size=2", "--eval_iters=1"], cwd=HERE, check=True, capture_output=True,
                    timeout=300)
     return out
+
+
+def test_checkpoint_token_counts_and_the_shortlist(trained_dir, capsys):
+    import numpy as np
+
+    import checkpoint
+    from data import GPT2_VOCAB, Corpus
+    model, _, state = checkpoint.load_model(str(trained_dir), "", "cpu")
+    cfg = state["config"]
+    corpus = Corpus(cfg["data"], cache_dir=cfg.get("cache_dir") or None, quiet=True)
+    docs = corpus.split("train", cfg["val_fraction"])
+    expected = np.bincount(np.concatenate([np.asarray(corpus.tokens(d), dtype=np.int64) for d in docs]),
+                           minlength=GPT2_VOCAB)
+    counts = state["token_counts"]
+    assert counts.dtype == torch.int64 and counts.shape == (GPT2_VOCAB,) and counts.tolist() == expected.tolist()
+    assert model.cfg.mtp_style == "sequential"
+    short = sample.shortlist_of(model, state, 300)
+    assert short.tolist() == sorted(short.tolist()) and len(short) == 300
+    assert counts[short].min() >= counts[~torch.isin(torch.arange(GPT2_VOCAB), short)].max()  # the most frequent
+    older = {k: v for k, v in state.items() if k != "token_counts"}  # an older checkpoint: from its corpus
+    assert sample.shortlist_of(model, older, 300).tolist() == short.tolist()
+    older["config"] = dict(cfg, data="/nonexistent/corpus/*.txt")  # and when that cannot be read: the full vocabulary
+    assert sample.shortlist_of(model, older, 300) is None
+    assert "the depths draft over the full vocabulary" in capsys.readouterr().err
+    assert sample.shortlist_of(model, state, 0) is None and sample.shortlist_of(model, state, GPT2_VOCAB) is None
+    prompt = [50256] + corpus.tokens(docs[0], 1, 5).tolist()
+    plain = generate(model, prompt, 12)[0]
+    for shortlist in (None, short):  # both decode, token for token plain greedy
+        assert generate(model, prompt, 12, speculative=True, shortlist=shortlist)[0] == plain
 
 
 def sample_cli(*args):

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 import checkpoint
 import muon
-from data import GPT2_VOCAB, PackedLoader
+from data import GPT2_VOCAB, PackedLoader, token_counts
 from loss import ModelWithLoss, count_targets, head_agreement, mtp_targets, objective, step_coefficients
 from model import Model, ModelConfig
 from report import Metrics, announce, eta_s, eval_record, memory_report, peak_flops, per_head, train_record
@@ -349,8 +349,7 @@ def prepare(c):
         loader = PackedLoader(c.data, "train", c.batch_size, c.seq_len, env.rank, env.world, c.seed, env.device,
                               c.val_fraction, c.cache_dir or None, quiet=not env.master)
         env.fingerprint = loader.corpus.fingerprint
-        env.token_counts = torch.from_numpy(np.bincount(np.concatenate([loader.corpus.tokens(d) for d in loader.docs]),
-                                                        minlength=GPT2_VOCAB)[:GPT2_VOCAB].astype(np.int64))
+        env.token_counts = token_counts(loader.corpus, loader.docs)  # saved in checkpoints: sample.py's shortlist
         longest = int(min(c.seq_len, loader.corpus.length[loader.docs].max()))
         for k in range(longest, c.n_predict + 1):
             env.log(f"warning: head {k} has no target: the longest training document has {longest} tokens "
@@ -518,20 +517,19 @@ def restore(ckpt, raw_model, opt, loader, c, env):
             if k not in allowed and old.get(k) != new.get(k)]
     if diff:
         raise ValueError(f"checkpoint {path} does not match this run: " + "; ".join(diff))
-    # a head the schedule has not run yet has no optimizer state (e.g. drafters that join late): only those may lack it
+    # heads the schedule has not run yet have no optimizer state (drafters that join late); nothing else may lack it
     ran = set().union(*(raw_model.head_modules_run([k for k, w in enumerate(ws) if w > 0])
                         for start, ws in env.stages if start < ckpt["step"]))
-    stateless = [n for n, _ in raw_model.named_parameters() if n not in ckpt["optimizer"]["state"]
-                 and not (n.startswith("heads.") and int(n.split(".")[1]) not in ran)]
+    fresh = {n: p for n, p in raw_model.named_parameters() if n not in ckpt["optimizer"]["state"]}
+    stateless = [n for n in fresh if not (n.startswith("heads.") and int(n.split(".")[1]) not in ran)]
     try:  # full state dicts: the same file serves one process, DDP and FSDP (each rank takes its shard)
         if stateless:
             raise KeyError(f"no optimizer state for {', '.join(stateless[:5])}")
         set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(raw_model, opt, ckpt["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, strict=False))
-        for n, p in raw_model.named_parameters():  # the loader gave the stateless ones a state (a zero-lr step, so
-            if n not in ckpt["optimizer"]["state"]:  # AdamW's step count 1): back to never stepped, as uninterrupted
-                opt.state.pop(p, None)
+        for p in fresh.values():  # the loader gave them a state (a zero-lr step: AdamW's step count 1): none again
+            opt.state.pop(p, None)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: its model or optimizer state does not fit "
                          f"({type(e).__name__}: {str(e)[:300]})") from None
