@@ -81,8 +81,8 @@ def train_step_bench(cfg, compiled, loader, heads=None, reps=REPS, optimizer="ad
     model = Model(cfg).to(DEV)
     if compiled:
         model.compile_blocks()
-    fwd, heads = ModelWithLoss(model), list(range(cfg.n_predict) if heads is None else heads)
-    d = train.DEFAULTS
+    d = train.DEFAULTS  # the drafting heads learn at train.py's mtp_sample of the positions, as in a run
+    fwd, heads = ModelWithLoss(model, d["mtp_sample"]), list(range(cfg.n_predict) if heads is None else heads)
     opt = muon.build_optimizer(model, optimizer, 1e-4, d["weight_decay"], (d["beta1"], d["beta2"]))
     batches = [{k: v.to(DEV) for k, v in loader.next_batch().items()} for _ in range(3)]
     ac = torch.autocast("cuda", torch.bfloat16) if DEV.type == "cuda" else nullcontext()
@@ -91,7 +91,7 @@ def train_step_bench(cfg, compiled, loader, heads=None, reps=REPS, optimizer="ad
     def forward_backward():
         b = batches[i[0] % 3]
         i[0] += 1
-        coef = step_coefficients(count_targets(b, cfg.n_predict)[heads].to(DEV), head_w)
+        coef = step_coefficients(count_targets(b, cfg.n_predict, d["mtp_sample"])[heads].to(DEV), head_w)
         train.forward_backward(fwd, [b], heads, coef, ac)
 
     def step():  # train.py's step on one rank, one micro-batch
@@ -106,7 +106,7 @@ def train_step_bench(cfg, compiled, loader, heads=None, reps=REPS, optimizer="ad
     opt_s = timed(opt.step, warmup=0, reps=reps)
     opt.zero_grad(set_to_none=True)
     real = sum(int(b["attention_mask"].sum()) for b in batches) / 3
-    fpt = model.flops_per_token(n_heads=len(heads))
+    fpt = model.flops_per_token(n_heads=len(heads), draft_rate=d["mtp_sample"])
     return dict(seconds=sec, first_step_s=first, real_tokens_per_s=real / sec,
                 flops_per_s=fpt * BATCH * cfg.seq_len / sec, optimizer_s=opt_s, optimizer_share=opt_s / sec)
 
@@ -327,7 +327,7 @@ def measure():
     cases = [("default", cfg, False, None, REPS, "adamw"), ("default_1_head", cfg, False, [0], REPS, "adamw"),
              ("default_muon", cfg, False, None, REPS, "muon"), ("default_compiled", cfg, True, None, 2, "adamw"),
              ("larger", larger, False, None, 2, "adamw"), ("larger_muon", larger, False, None, 2, "muon")]
-    cases += [(f"default_{s}", replace(cfg, mtp_style=s), False, None, REPS, "adamw") for s in ("sequential", "shared")]
+    cases += [(f"default_{s}", replace(cfg, mtp_style=s), False, None, REPS, "adamw") for s in ("parallel", "shared")]
     res["train_step"] = {}
     for name, c, compiled, heads, reps, optimizer in cases:
         if QUICK and compiled:
@@ -361,8 +361,9 @@ def report(res):
               f"{100 * r['utilization_vs_fp32_matmul']:9.1f}%  {r['first_step_s']:8.1f}s  "
               f"{100 * r['optimizer_share']:7.1f}%")
     ts = res["train_step"]
-    print(f"  4 heads / 1 head, time per step: {ts['default']['seconds'] / ts['default_1_head']['seconds']:.2f}x")
-    for s in ("sequential", "shared"):
+    print(f"  4 heads (the default's drafting stage) / 1 head, time per step: "
+          f"{ts['default']['seconds'] / ts['default_1_head']['seconds']:.2f}x")
+    for s in ("parallel", "shared"):
         if f"default_{s}" in ts:
             print(f"  {s} (4 heads) / 1 head, time per step: "
                   f"{ts[f'default_{s}']['seconds'] / ts['default_1_head']['seconds']:.2f}x")

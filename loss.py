@@ -323,9 +323,9 @@ class ModelWithLoss(nn.Module):
         h_SBTD, t_KBT = out.hidden[drafting], targets[drafting]
         if self.draft_rate < 1:  # the sampled columns only: (S, B, m, D); the other columns have no target here
             cols_Bm = sampled_columns(batch, self.draft_rate)
-            S, K, (B, m), D = len(drafting), len(drafting), cols_Bm.shape, h_SBTD.shape[-1]
+            S, (B, m), D = len(drafting), cols_Bm.shape, h_SBTD.shape[-1]
             h_SBTD = h_SBTD.gather(2, cols_Bm[None, :, :, None].expand(S, B, m, D))
-            t_KBT = t_KBT.gather(2, cols_Bm[None].expand(K, B, m))
+            t_KBT = t_KBT.gather(2, cols_Bm[None].expand(S, B, m))
         parts.append(mtp_loss(h_SBTD, weight.detach() if cfg.mtp_detach else weight, t_KBT, grad_scale=scale(drafting)))
         sums, counts = (torch.cat(t) for t in zip(*parts))
         return LossOutput(sums, counts, out.aux_loss, out.expert_counts)

@@ -87,7 +87,7 @@ def pick(probs, gen):
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-NO_CLOCK_COST = {"parallel": (0.3, 0.17), "sequential": (0.4, 0.5)}  # plain forwards: fixed, per draft
+NO_CLOCK_COST = {"parallel": (0.3, 0.17), "sequential": (0.55, 0.13)}  # plain forwards: fixed, per draft
 
 
 class DraftPolicy:
@@ -103,7 +103,7 @@ class DraftPolicy:
     seed would not reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain
     forwards (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's
     shape, halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3
-    drafts; sequential depths, a pass over the unembedding per draft, 1.9-3.0x)."""
+    drafts; sequential depths drafting over the draft_vocab shortlist 1.6-2.0x)."""
 
     def __init__(self, n_drafts, clock=True, style="parallel"):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
@@ -330,9 +330,7 @@ def shortlist_of(model, state, n):
     counts = state.get("token_counts")
     if counts is None:
         try:
-            corpus = Corpus(cfg["data"], cache_dir=cfg.get("cache_dir") or None, quiet=True)
-            if cfg.get("data_fingerprint") not in (None, corpus.fingerprint):
-                raise ValueError("its data changed since training")
+            corpus, _ = held_out(state)  # the checkpoint's corpus, checked against its fingerprint
             counts = token_counts(corpus, corpus.split("train", cfg["val_fraction"]))
         except (ValueError, KeyError, OSError) as e:
             tell_once(f"note: the checkpoint has no token_counts and its training data cannot be read ({e}): the "
