@@ -51,6 +51,21 @@ PREDATED = dict(mtp_style="parallel", mtp_detach=False)
 def model_config(saved):
     """A checkpoint's config dict -> its ModelConfig (fields it predates: PREDATED, else today's default)."""
     return ModelConfig(**{**PREDATED, **{k: saved[k] for k in MODEL_FIELDS if k in saved}})
+
+
+def regroup_optimizer(saved, opt, names):
+    """An optimizer state dict (full: parameters by name) -> the same state with opt's parameter groups: each group
+    takes the settings of the saved group that held its parameters (its own name and drafters flag kept), so a
+    checkpoint from before the drafters had groups of their own (muon.build_optimizer's drafters) still resumes,
+    and one of theirs resumes with mtp_own_lr off. names: parameter -> its name in the state dict."""
+    held = {name: g for g in saved["param_groups"] for name in g["params"]}
+    groups = []
+    for g in opt.param_groups:
+        params = [names[p] for p in g["params"]]
+        src = next((held[n] for n in params if n in held), g)  # none saved (heads not run yet): its own settings
+        own = {k: g[k] for k in ("name", "drafters") if k in g}
+        groups.append({**{k: v for k, v in src.items() if k not in ("name", "drafters")}, **own, "params": params})
+    return {**saved, "param_groups": groups}
 LOCK_NOTE = "this file is the lock of a running train.py; it is released when the process ends; do not delete it"
 
 

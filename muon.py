@@ -205,7 +205,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: Model, name, lr, weight_decay, betas, eps=1e-8, momentum=0.95, nesterov=True,
-                    ns_steps=5, adjust_lr_fn="match_rms_adamw", muon_lr_ratio=1.0, ns_dtype="bfloat16"):
+                    ns_steps=5, adjust_lr_fn="match_rms_adamw", muon_lr_ratio=1.0, ns_dtype="bfloat16", drafters=()):
     """The training optimizer, one object -> torch.optim.Optimizer whose groups each carry "lr_ratio".
 
     name="adamw": torch.optim.AdamW, fused, decay on parameters of 2 or more dimensions only (two groups).
@@ -214,7 +214,9 @@ def build_optimizer(model: Model, name, lr, weight_decay, betas, eps=1e-8, momen
     With adjust_lr_fn="match_rms_adamw" (the default) Muon takes AdamW's learning rate and weight decay as they are.
     ns_dtype: the Newton-Schulz iterations' precision ("bfloat16" as torch.optim.Muon; "float32" or "float64"
     for exactness tests: bfloat16 rounding can turn a 1e-7 relative difference between two runs, DDP against FSDP
-    say, into one bfloat16 step of an update's element, 4e-3 relative)."""
+    say, into one bfloat16 step of an update's element, 4e-3 relative).
+    drafters: parameters (the drafting heads') that get groups of their own, each group's twin with "_drafters"
+    after its name and "drafters": True, so that the training loop can give them their own learning rate."""
     if name not in ("adamw", "muon"):
         raise ValueError(f"optimizer={name!r}, expected 'adamw' or 'muon'")
     checks = [("learning_rate", lr, lr >= 0, ">= 0"), ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
@@ -228,19 +230,27 @@ def build_optimizer(model: Model, name, lr, weight_decay, betas, eps=1e-8, momen
         if not ok:
             raise ValueError(f"{setting}={value!r}, expected {expected}")
     groups = param_groups(model)  # raises on a parameter it has no rule for, whatever the optimizer
-    betas = tuple(betas)
+    betas, drafting = tuple(betas), {id(p) for p in drafters}
+
+    def split(specs):  # each group, then the drafters' twins of the groups that hold some (the model's order kept)
+        mine = [{**g, "params": [p for p in g["params"] if id(p) not in drafting]} for g in specs]
+        twins = [{**g, "params": [p for p in g["params"] if id(p) in drafting], "drafters": True} for g in specs]
+        for g in twins:
+            if "name" in g:
+                g["name"] += "_drafters"
+        return mine + [g for g in twins if g["params"]]
     if name == "adamw":
         params = list(model.parameters())  # the model's order, as train.py's AdamW has always had it
-        return torch.optim.AdamW([
+        return torch.optim.AdamW(split([
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_ratio": 1.0},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_ratio": 1.0}],
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_ratio": 1.0}]),
             lr=lr, betas=betas, eps=eps, fused=True)  # fused on every device: no host sync
     rest = [p for _, p in groups["adamw"]]
-    return MuonAdamW([
+    return MuonAdamW(split([
         {"name": "muon", "kind": "muon", "params": [p for _, p in groups["muon"]], "weight_decay": weight_decay,
          "lr_ratio": muon_lr_ratio},
         {"name": "adamw_decay", "kind": "adamw", "params": [p for p in rest if p.dim() >= 2],
          "weight_decay": weight_decay},
         {"name": "adamw_no_decay", "kind": "adamw", "params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-    ], lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+    ]), lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)

@@ -1,4 +1,5 @@
-"""settings.py: `--name=value` overrides and `--config=FILE` files over typed defaults, the device, the head schedule.
+"""settings.py: `--name=value` overrides and `--config=FILE` files over typed defaults, the device, the head and
+learning-rate schedules.
 
 nanoGPT's configurator in spirit (a script's defaults, overridden from the command line or a file of
 `name = value` lines), but nothing is exec'd: a value is a Python literal (or a bare word, read as a string)
@@ -157,3 +158,20 @@ def parse_schedule(text, n_predict, max_iters):
 
 def stage_at(step, stages):
     return max(i for i, (start, _) in enumerate(stages) if start <= step or i == 0)
+
+
+def lr_at(step, c, first=0):
+    """Linear warmup, then cosine (or warmup-stable-decay) down to learning_rate * min_lr_ratio, which the
+    last step (max_iters - 1) reaches exactly. first > 0: the same shape over the steps first.. only (drafters that
+    join late, train.py's mtp_own_lr), with a warmup of at most an eighth of them."""
+    span, step = c.max_iters - first, step - first
+    warmup = c.warmup_iters if first == 0 else max(1, min(c.warmup_iters, span // 8))
+    if step < warmup:
+        return c.learning_rate * (step + 1) / warmup
+    floor = c.learning_rate * c.min_lr_ratio
+    if c.lr_schedule == "wsd":  # decay over the steps decay_start .. max_iters - 1
+        decay_start = max(warmup, round(span * (1 - c.decay_frac)))
+        frac = max(0.0, (step + 1 - decay_start) / max(1, span - decay_start))
+        return c.learning_rate - (c.learning_rate - floor) * min(frac, 1.0)
+    frac = (step + 1 - warmup) / max(1, span - warmup)
+    return floor + 0.5 * (c.learning_rate - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))

@@ -32,21 +32,30 @@ STUDIES = {
     "heads": {
         "one_head": ["--n_predict=1", "--mtp_schedule=1"],
         # drafters on a detached trunk, learning at 1/8 of the positions, in the last quarter of the run
-        "par_det_s8_late25": ["--mtp_detach=True", "--mtp_sample=0.125", "--mtp_schedule=1@0.75;1,1,1,1"],
+        # (rows without --mtp_own_lr=True ran before it existed: the drafters on the run's schedule, its tail)
+        "par_det_s8_late25": ["--mtp_detach=True", "--mtp_sample=0.125", "--mtp_schedule=1@0.75;1,1,1,1",
+                              "--mtp_own_lr=False"],
         "seq_det_s8_late25": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.125",
-                              "--mtp_schedule=1@0.75;1,1,1,1"],
+                              "--mtp_schedule=1@0.75;1,1,1,1", "--mtp_own_lr=False"],
         "seq_det_s16_late10": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
-                               "--mtp_schedule=1@0.9;1,1,1,1"],
+                               "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=False"],
         # equal time: 1 head gets the steps the default's drafters take (their last tenth costs 1.34x a 1-head step,
         # measured side by side: 3.4% of the run), and the same at three times the budget
         "one_head_eq": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=248"],
         "seq_det_s16_late10_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
-                                  "--mtp_schedule=1@0.9;1,1,1,1", "--max_iters=720"],
+                                  "--mtp_schedule=1@0.9;1,1,1,1", "--max_iters=720",
+                                  "--mtp_own_lr=False"],
         "one_head_eq_x3": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=745"],
         # the same pair with another seed (other initial weights and data order)
         "seq_det_s16_late10_seed1": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
-                                     "--mtp_schedule=1@0.9;1,1,1,1", "--seed=1"],
+                                     "--mtp_schedule=1@0.9;1,1,1,1", "--seed=1",
+                                     "--mtp_own_lr=False"],
         "one_head_eq_seed1": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=248", "--seed=1"],
+        # the drafters on their own warmup and cosine over the steps they train (mtp_own_lr), the last 10% or 5%
+        "seq_own_s16_late10": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                               "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=True"],
+        "seq_own_s16_late5": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                              "--mtp_schedule=1@0.95;1,1,1,1", "--mtp_own_lr=True"],
     },
 }
 

@@ -199,6 +199,57 @@ def test_a_new_module_falls_under_the_rule_and_an_unknown_matrix_is_refused():
         muon.param_groups(model)
 
 
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_drafters_get_groups_of_their_own_that_step_like_the_rest(name):
+    model = make(n_predict=3)
+    drafters = [p for h in model.heads[1:] for p in h.parameters()]
+    opt = build(model, name, drafters=drafters)
+    mine = {id(p) for p in drafters}
+    for g in opt.param_groups:  # each group holds drafters only or none, and says which
+        assert {id(p) in mine for p in g["params"]} == {bool(g.get("drafters"))}, g.get("name")
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    if name == "muon":
+        assert [g["name"] for g in opt.param_groups] == ["muon", "adamw_decay", "adamw_no_decay", "muon_drafters",
+                                                         "adamw_no_decay_drafters"]  # heads have no 2-D AdamW params
+    plain_model = copy.deepcopy(model)
+    plain = build(plain_model, name)  # at the same learning rate, the split changes nothing
+    for s in range(2):
+        for m, o in ((model, opt), (plain_model, plain)):
+            fake_grads(m, s)
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain_model.parameters()))
+
+
+def test_a_state_saved_before_the_drafters_had_groups_resumes_exactly():
+    import checkpoint
+    full = StateDictOptions(full_state_dict=True)
+    a = make(n_predict=3)
+    opt_a = build(a)  # the groups of a checkpoint written before the drafters had their own
+    for s in range(2):
+        fake_grads(a, s)
+        opt_a.step()
+    saved = through_file(get_optimizer_state_dict(a, opt_a, options=full))
+    b = copy.deepcopy(a)
+    opt_b = build(b, drafters=[p for h in b.heads[1:] for p in h.parameters()])
+    names = {p: n for n, p in b.named_parameters()}
+    set_optimizer_state_dict(b, opt_b, checkpoint.regroup_optimizer(saved, opt_b, names), options=full)
+    assert [g["name"] for g in opt_b.param_groups][-2:] == ["muon_drafters", "adamw_no_decay_drafters"]
+    assert all(g.get("drafters", False) == g["name"].endswith("_drafters") for g in opt_b.param_groups)
+    for m, o in ((a, opt_a), (b, opt_b)):
+        fake_grads(m, 2)
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = copy.deepcopy(a)  # the saved state as it is, without regrouping: the groups come out wrong
+    opt_c = build(c, drafters=[p for h in c.heads[1:] for p in h.parameters()])
+    try:
+        set_optimizer_state_dict(c, opt_c, saved, options=full)
+        wrong = [g.get("name") for g in opt_c.param_groups] != [g["name"] for g in opt_b.param_groups]
+    except (KeyError, ValueError, RuntimeError):
+        wrong = True
+    assert wrong
+
+
 # ----------------------------------------------------------------------------- resume, zero gradients, bad settings
 
 

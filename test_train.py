@@ -390,6 +390,24 @@ def test_lr_schedules_end_at_the_floor():
     assert train.lr_at(79, c) == c.learning_rate and train.lr_at(80, c) < c.learning_rate  # stable, then 20 decay steps
 
 
+def test_drafters_joining_late_learn_on_their_own_schedule(tmp_path):
+    c = SimpleNamespace(**dict(train.DEFAULTS, max_iters=100, warmup_iters=10, learning_rate=1.0, min_lr_ratio=0.1))
+    own = [train.lr_at(s, c, 84) for s in range(84, 100)]  # 16 steps: a warmup of 16 // 8 = 2, then 14 of cosine
+    assert own[:3] == [0.5, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 14))] and own[-1] == pytest.approx(0.1)
+    assert train.lr_at(84, c) < 0.2  # the run's own schedule near its floor there
+    args = ["--max_iters=8", "--mtp_schedule=1@0.5;1,1", "--n_predict=2", "--eval_interval=6", "--warmup_iters=4"]
+    for own_lr in (True, False):
+        out = tmp_path / str(own_lr)
+        train_run(out, *args, f"--mtp_own_lr={own_lr}")
+        groups = torch.load(out / "ckpt_0000006.pt", weights_only=False)["optimizer"]["param_groups"]
+        c = SimpleNamespace(**dict(train.DEFAULTS, learning_rate=3e-3, max_iters=8, warmup_iters=4))  # TINY's, args'
+        trunk, drafters = train.lr_at(5, c), train.lr_at(5, c, 4 if own_lr else 0)  # step 5 wrote the lr saved
+        assert [(bool(g.get("drafters")), g["lr"]) for g in groups] == (
+            [(False, trunk), (False, trunk), (True, drafters), (True, drafters)] if own_lr else
+            [(False, trunk), (False, trunk)])
+        assert own_lr == (drafters != trunk)
+
+
 def test_head_schedule_stages_as_fractions():
     p = settings.parse_schedule
     assert p("1,.5@0.1;1", 2, 240) == [(0, (1.0, 0.5)), (24, (1.0, 0.0))]  # the first tenth with two heads

@@ -44,7 +44,7 @@ from data import GPT2_VOCAB, PackedLoader, token_counts
 from loss import ModelWithLoss, count_targets, head_agreement, mtp_targets, objective, step_coefficients
 from model import Model, ModelConfig
 from report import Metrics, announce, eta_s, eval_record, memory_report, peak_flops, per_head, train_record
-from settings import check_attention_memory, parse_config, parse_schedule, resolve_device, stage_at
+from settings import check_attention_memory, lr_at, parse_config, parse_schedule, resolve_device, stage_at
 
 # ----------------------------------------------------------------------------- hyperparameters
 # The model's shape: every field of model.ModelConfig is a setting too (--n_embd=256, --n_predict=1); its
@@ -60,6 +60,7 @@ cache_dir = ""  # token cache folder for text sources; "" means data_cache/ besi
 # drafters (README "What the extra heads buy")
 mtp_schedule = "1@0.9;1,1,1,1"
 mtp_sample = 0.0625  # fraction of each row's positions where heads 2..n learn (loss.sampled_columns); head 1 at all
+mtp_own_lr = True  # heads 2..n follow their own warmup and decay over the steps they train (lr_at), not the run's tail
 # optimizer
 optimizer = "muon"  # "muon": Muon for the weight matrices (each expert its own), AdamW for the rest; or "adamw"
 # (README "Muon or AdamW": 0.53 nats lower held-out loss than AdamW, each at its best of a sweep, same 240 steps)
@@ -134,9 +135,9 @@ def main(cfg):
         t0 = time.time()
         if stage != stage_at(step, stages):  # a new stage of the head schedule
             stage, model, heads, head_w = enter_stage(step, stage_at(step, stages), stage, fwd, c, env)
-        lr = lr_at(step, c)
+        lr, lr_drafters = lr_at(step, c), lr_at(step, c, env.drafters_from)
         for g in opt.param_groups:
-            g["lr"] = lr * g["lr_ratio"]
+            g["lr"] = (lr_drafters if g.get("drafters") else lr) * g["lr_ratio"]
 
         # 1. the step's batches, and N_k over the whole step (all micro-batches, all ranks) before any forward
         batches = [loader.next_batch() for _ in range(c.grad_accum_steps)]
@@ -214,20 +215,6 @@ def main(cfg):
 
 
 # ----------------------------------------------------------------------------- the step's pieces
-
-def lr_at(step, c):
-    """Linear warmup, then cosine (or warmup-stable-decay) down to learning_rate * min_lr_ratio, which the
-    last step (max_iters - 1) reaches exactly."""
-    if step < c.warmup_iters:
-        return c.learning_rate * (step + 1) / c.warmup_iters
-    floor = c.learning_rate * c.min_lr_ratio
-    if c.lr_schedule == "wsd":  # decay over the steps decay_start .. max_iters - 1
-        decay_start = max(c.warmup_iters, round(c.max_iters * (1 - c.decay_frac)))
-        frac = max(0.0, (step + 1 - decay_start) / max(1, c.max_iters - decay_start))
-        return c.learning_rate - (c.learning_rate - floor) * min(frac, 1.0)
-    frac = (step + 1 - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters)
-    return floor + 0.5 * (c.learning_rate - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
-
 
 def enter_stage(step, stage, old, fwd, c, env):
     """The module a step calls and its heads for a stage of the head schedule -> (stage, module, heads, head_w).
@@ -425,9 +412,11 @@ def setup(c):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    bf16 = device.type == "cuda" and c.dtype == "auto"
+    bf16, stages = device.type == "cuda" and c.dtype == "auto", parse_schedule(c.mtp_schedule, c.n_predict, c.max_iters)
+    # mtp_own_lr: the drafters' schedule starts at the first step that trains one of them
+    drafters_from = min([start for start, ws in stages if any(ws[1:])] or [0]) if c.mtp_own_lr else 0
     return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device, distributed=distributed,
-                           master=rank == 0, log=log, stages=parse_schedule(c.mtp_schedule, c.n_predict, c.max_iters),
+                           master=rank == 0, log=log, stages=stages, drafters_from=drafters_from,
                            autocast=torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext(),
                            run_id=secrets.token_hex(4), fingerprint=None, module=None)
 
@@ -482,8 +471,10 @@ def build(c, env):
         for block in list(raw_model.blocks) + list(raw_model.heads):
             fully_shard(block)  # each block its own unit; the root (embedding, norm, unembedding) last
         fully_shard(fwd)
+    drafters = [p for head in raw_model.heads[1:] for p in head.parameters()] if c.mtp_own_lr else []
     opt = muon.build_optimizer(raw_model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
-                               ns_dtype="float64" if c.dtype == "float64" else "bfloat16")  # fused AdamW: no host sync
+                               ns_dtype="float64" if c.dtype == "float64" else "bfloat16",  # fused AdamW: no host sync
+                               drafters=drafters)
     return raw_model, fwd, opt
 
 
@@ -526,7 +517,8 @@ def restore(ckpt, raw_model, opt, loader, c, env):
         if stateless:
             raise KeyError(f"no optimizer state for {', '.join(stateless[:5])}")
         set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(raw_model, opt, ckpt["optimizer"],
+        names = {p: n for n, p in raw_model.named_parameters()}
+        set_optimizer_state_dict(raw_model, opt, checkpoint.regroup_optimizer(ckpt["optimizer"], opt, names),
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         for p in fresh.values():  # the loader gave them a state (a zero-lr step: AdamW's step count 1): none again
             opt.state.pop(p, None)
