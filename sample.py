@@ -21,7 +21,8 @@ drafts fail costs no more than plain decoding. Text goes to stdout as it comes; 
 
 By the model's mtp_style: parallel heads draft from the verify forward itself (heads 2..d+1 at the last kept
 position); sequential depths draft one after another after it (Model.decode_depth: depth j reads the next
-token and the drafts of depths 1..j-1, each depth with its own KV cache); shared logits have nothing to draft
+token and the drafts of depths 1..j-1, each depth with its own KV cache and its weights folded once per cache,
+Model._depth_fast; about 1.5x a plain forward with 3 drafts over the shortlist); shared logits have nothing to draft
 with (head k scores head 1's own logits), so speculative decoding is plain decoding there, said once on stderr.
 """
 import codecs
@@ -87,7 +88,7 @@ def pick(probs, gen):
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-NO_CLOCK_COST = {"parallel": (0.3, 0.17), "sequential": (0.55, 0.13)}  # plain forwards: fixed, per draft
+NO_CLOCK_COST = {"parallel": (0.3, 0.17), "sequential": (0.12, 0.13)}  # plain forwards: fixed, per draft
 
 
 class DraftPolicy:
@@ -103,7 +104,7 @@ class DraftPolicy:
     seed would not reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain
     forwards (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's
     shape, halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3
-    drafts; sequential depths drafting over the draft_vocab shortlist 1.6-2.0x)."""
+    drafts; sequential depths drafting over the draft_vocab shortlist 1.24-1.3x, 1.3-1.5x and 1.45-1.6x)."""
 
     def __init__(self, n_drafts, clock=True, style="parallel"):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
@@ -256,18 +257,18 @@ def make_drafts(model, cache, heads_nD, nxt, n, dist, gen, logits=None):
     Sequential depths: one after another (heads_nD is empty), depth j reading nxt and the drafts of depths
     1..j-1, so a sampled draft feeds the depths after it."""
     if model.cfg.mtp_style == "sequential":
-        ids, qs = torch.tensor([[nxt]], device=cache.trunk.device), []
-        for j in range(1, n + 1):
-            logits, shortlist = cache.draft_logits(model.decode_depth(j, ids, cache))  # (1, N) over shortlist ids
-            if gen is None:  # greedy drafts stay on the device until the last one
-                best = logits.argmax(-1)
-                ids = torch.cat([ids, (best if shortlist is None else shortlist[best])[None]], dim=1)
+        ids, qs = torch.tensor([[nxt] + [0] * n], device=cache.trunk.device), []  # nxt, then the drafts as they come
+        for j in range(1, n + 1):  # the ids are the model's own: no range check (a read back per depth)
+            logits, shortlist = cache.draft_logits(model.decode_depth(j, ids[:, :j], cache, check_ids=False))
+            if gen is None:  # greedy drafts stay on the device until the last one: one read back for all of them
+                best = logits.argmax(-1)  # (1,) over the shortlist's ids
+                ids[:, j] = best if shortlist is None else shortlist[best]
             else:  # q: the shortlist's softmax, zero outside it (the residual max(0, p - q) covers the rest)
                 q_short = dist(logits[0]).cpu()
                 q_full = q_short if shortlist is None else q_short.new_zeros(cache.unembed_DV.shape[1]).index_copy_(
                     0, shortlist.cpu(), q_short)
                 qs.append(q_full)
-                ids = torch.cat([ids, ids.new_tensor([[pick(q_full, gen)]])], dim=1)
+                ids[:, j] = pick(q_full, gen)
         return ids[0, 1:].tolist(), torch.stack(qs) if qs else None
     logits = model.logits(heads_nD, cache) if logits is None else logits
     if gen is None:
@@ -314,8 +315,8 @@ def held_out(state):
         print(f"warning: the checkpoint has no data_fingerprint: cannot check that data={cfg['data']!r} still holds "
               f"the documents it was trained on; going on", file=sys.stderr)
     elif corpus.fingerprint != trained_on:
-        raise ValueError(f"bench: data={cfg['data']!r} has fingerprint {corpus.fingerprint}, the checkpoint was "
-                         f"trained on {trained_on}: its held-out split would be other documents")
+        raise ValueError(f"data={cfg['data']!r} (the checkpoint's) has fingerprint {corpus.fingerprint}, the "
+                         f"checkpoint was trained on {trained_on}: its held-out split would be other documents")
     return corpus, corpus.split("val", cfg["val_fraction"])
 
 

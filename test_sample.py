@@ -209,6 +209,57 @@ def test_batched_drafting_heads_equal_their_modules(monkeypatch):
     assert (h[1:] - full[1:, :10]).abs().max() > 1e-3  # 100 times the tolerance above
 
 
+def test_depth_fast_path_equals_the_depth_modules(monkeypatch):
+    # sequential depths decode on weights folded per KV cache (Model._depth_fast: norms folded into the matrices, rope
+    # as two tables, keys and values in one tensor, the last depth's block at p alone); each Depth module computes the
+    # same: after feeds, drafts, rollbacks and catch-ups the states, keys, values and shortlist drafts of the two
+    # paths agree in float32 within 1e-5, with grouped-query attention and two sequences at once
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=64, seq_len=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, n_experts=4,
+                              top_k=2, n_predict=4, mtp_style="sequential")).eval()
+    ids = torch.randint(0, 64, (2, 40))
+    fast_calls = []
+    real = Model._depth_fast
+    monkeypatch.setattr(Model, "_depth_fast", lambda self, i, *a: fast_calls.append(i) or real(self, i, *a))
+    caches = {name: KVCache(model, 64, batch=2, shortlist=range(0, 64, 3)) for name in ("fast", "modules")}
+    caches["modules"].depths = None
+    # (tokens fed before drafting, position to roll back to first or None)
+    # (a 2-token prompt first: depth 3 at p = 1 reads only drafts, from the second one on)
+    steps = [(2, None), (8, None), (4, None), (1, 12), (3, None), (1, None), (6, 17), (2, None)]
+    out = {k: [] for k in caches}
+    with torch.no_grad():
+        full = model(ids).hidden  # (n_predict, B, T, D), teacher-forced
+        for name, cache in caches.items():
+            for T, back in steps:
+                if back is not None:
+                    cache.truncate(back)
+                model(ids[:, cache.pos:cache.pos + T], kv_cache=cache)
+                p = cache.pos - 1
+                for i in range(1, 4):
+                    h = model.decode_depth(i, ids[:, p + 1:p + 1 + i], cache)
+                    torch.testing.assert_close(h, full[i, :, p], rtol=0, atol=1e-5)
+                    logits, shortlist = cache.draft_logits(h)
+                    out[name].append((h, shortlist[logits.argmax(-1)]))
+    assert len(fast_calls) == 3 * len(steps) and fast_calls[:3] == [1, 2, 3]  # the modules' cache never took it
+    for (h_f, d_f), (h_m, d_m) in zip(out["fast"], out["modules"]):
+        torch.testing.assert_close(h_f, h_m, rtol=0, atol=1e-5)
+        assert d_f.tolist() == d_m.tolist()
+    fast, modules = caches["fast"], caches["modules"]
+    for i, depth in enumerate(model.heads[1:], 1):  # the keys and values of every position a depth holds
+        for k_f, k_m in zip(fast.kv[depth.block.attn], modules.kv[depth.block.attn]):
+            torch.testing.assert_close(k_f[:, :, :fast.pos - i], k_m[:, :, :fast.pos - i], rtol=0, atol=1e-5)
+        if i < 3:  # the states the next depth reads (the last depth's: at p alone)
+            torch.testing.assert_close(fast.states[i, :, :fast.pos], modules.states[i, :, :fast.pos], rtol=0,
+                                       atol=1e-5)
+    # a negative control: depth 1 on depth 2's folded weights is not the modules' computation
+    cache = KVCache(model, 64, batch=2)
+    cache.depths = cache.depths[1:2] + cache.depths[1:]
+    with torch.no_grad():
+        model(ids[:, :10], kv_cache=cache)
+        h = model.decode_depth(1, ids[:, 10:11], cache)
+    assert (h - full[1, :, 9]).abs().max() > 1e-3  # 100 times the tolerance above
+
+
 def test_unembedding_of_a_few_rows_is_the_matmul(cyclic_model):
     # decoding scores several rows with oneDNN's packed float32 matmul (one row: the matrix-vector product); the same
     # logits as the plain product, and greedy speculative decoding of a float32 model is still plain greedy decoding
