@@ -3,6 +3,7 @@
     python study.py --study=muon                # AdamW against Muon, learning rates swept, default model and corpus
     python study.py --study=muon --rows=adamw_3e-3,muon_3e-3   # only these rows
     python study.py --study=muon --table        # print the table from study_results.json, run nothing
+    python study.py --study=heads --bench=ROW,ROW   # sample.py --bench on these rows' checkpoints, kept in the rows
 
 Each row is one `python train.py ...` run in its own out_dir under study_runs/ (same seed, default corpus). Its
 result (steps, wall time, final held-out next-token loss, tokens per forward) is appended to study_results.json
@@ -56,6 +57,16 @@ STUDIES = {
                                "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=True"],
         "seq_own_s16_late5": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
                               "--mtp_schedule=1@0.95;1,1,1,1", "--mtp_own_lr=True"],
+        "seq_own_s16_late10_seed1": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                                     "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=True", "--seed=1"],
+        # equal time for the last-5% row: its 12 drafting steps at 1.34x add 4 steps' time
+        "one_head_eq5": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=244"],
+        "one_head_eq5_seed1": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=244", "--seed=1"],
+        "seq_own_s16_late5_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                                 "--mtp_schedule=1@0.95;1,1,1,1", "--mtp_own_lr=True", "--max_iters=720"],
+        "one_head_eq5_x3": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=732"],  # 36 drafting steps at 1.34x
+        "seq_own_s16_late10_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                                  "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=True", "--max_iters=720"],
     },
 }
 
@@ -95,14 +106,26 @@ def row_result(study, name, args, out, wall):
                 matmul_gflops=round(matmul_gflops()), when=time.strftime("%Y-%m-%d %H:%M"))
 
 
+def bench_row(study, row):
+    """sample.py --bench (greedy, 20 held-out prompts, 128 new tokens) on a finished row's checkpoint -> the row with
+    its speedup (median, quartiles) and the matmul rate read beside it."""
+    import sample
+    from settings import parse_config
+    out = HERE / "study_runs" / study / row["row"]
+    print(f"== {row['row']}: sample.py --out_dir={out} --bench=True --max_new_tokens=128", flush=True)
+    r = sample.main(parse_config([f"--out_dir={out}", "--bench=True", "--max_new_tokens=128"], sample.DEFAULTS))
+    return dict(row, speedup=[r["speedup_median"], *r["speedup_quartiles"]], bench_matmul_gflops=round(matmul_gflops()))
+
+
 def table(study, results):
     rows = [r for r in results if r["study"] == study]
     print(f"{'row':26s} {'arguments':62s} {'steps':>5s} {'time':>7s} {'val_nt_loss':>11s} {'tok/fwd':>7s} "
-          f"{'accept h2..h4':>15s} {'tok/s':>6s} {'matmul':>7s}")
+          f"{'accept h2..h4':>15s} {'tok/s':>6s} {'matmul':>7s}  speedup (quartiles)")
     for r in sorted(rows, key=lambda r: r["row"]):
         acc = " ".join(f"{a:.2f}" if a is not None else "   -" for a in r.get("accept") or [None] * 3)
         print(f"{r['row']:26s} {' '.join(r['args']):62s} {r['steps']:5d} {r['train_s']:6.0f}s {r['val_nt_loss']:11.4f} "
-              f"{r['val_tokens_per_forward']:7.2f} {acc:>15s} {r['tokens_per_s']:6.0f} {r['matmul_gflops']:4d} GF/s")
+              f"{r['val_tokens_per_forward']:7.2f} {acc:>15s} {r['tokens_per_s']:6.0f} {r['matmul_gflops']:4d} GF/s"
+              + ("  {:.2f}x ({:.2f}-{:.2f})".format(*r["speedup"]) if r.get("speedup") else ""))
 
 
 def main(argv):
@@ -111,7 +134,15 @@ def main(argv):
     if study not in STUDIES:
         raise SystemExit(f"error: --study={study!r}, expected one of {', '.join(STUDIES)}")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    if "table" not in opts:
+    if "bench" in opts:
+        for name in opts["bench"].split(","):
+            done = [r for r in results if r["study"] == study and r["row"] == name]
+            if not done:
+                raise SystemExit(f"error: --bench: no finished row {name!r} in study {study}")
+            row = bench_row(study, done[0])
+            results = [row if r is done[0] else r for r in results]
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    elif "table" not in opts:
         wanted = opts["rows"].split(",") if "rows" in opts else list(STUDIES[study])
         unknown = [w for w in wanted if w not in STUDIES[study]]
         if unknown:
