@@ -62,10 +62,12 @@ def regroup_optimizer(saved, opt, names):
     groups = []
     for g in opt.param_groups:
         params = [names[p] for p in g["params"]]
-        src = next((held[n] for n in params if n in held), g)  # none saved (heads not run yet): its own settings
+        src = next((held[n] for n in params if n in held), g)  # a group the checkpoint never had: its own settings
         own = {k: g[k] for k in ("name", "drafters") if k in g}
         groups.append({**{k: v for k, v in src.items() if k not in ("name", "drafters")}, **own, "params": params})
     return {**saved, "param_groups": groups}
+
+
 LOCK_NOTE = "this file is the lock of a running train.py; it is released when the process ends; do not delete it"
 
 

@@ -165,7 +165,8 @@ class KVCache:
     a head block up. Sequential style: the fed ids (`ids`) and each head module's output before the final norm
     (`states`) are kept too, since depth i at position s reads head i's state at s and token s + i: it holds
     position s only once token s + i is fed (what it ran beyond, on the next token and on drafts, the next
-    decode_depth() recomputes), and a rollback to n positions leaves it n - i of them."""
+    decode_depth() recomputes), and a rollback to n positions leaves it n - i of them. (No depth reads the last
+    depth's states: on the fast path, Model._depth_fast, they are kept at the last position it ran only.)"""
 
     def __init__(self, model, max_len, batch=1, vocab=None, shortlist=None):
         cfg, p = model.cfg, next(model.parameters())
@@ -192,7 +193,7 @@ class KVCache:
         # views into one tensor (B, 2 KV, max_len, hd) written by one copy, the rotation as two tables
         # (rope_half_swap()), and the causal mask of every query position over every key, sliced, not built, per call
         self.depths = self.depth_kv = self.rope_CS = self.causal = None
-        if sequential:
+        if sequential and n > 1:
             self.depths = [fold_depth(d) for d in model.heads[1:]]
             self.depth_kv = [p.new_zeros(batch, 2 * kv, max_len, hd) for _ in model.heads[1:]]
             for d, kv_B2KLh in zip(model.heads[1:], self.depth_kv):

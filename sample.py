@@ -104,7 +104,8 @@ class DraftPolicy:
     seed would not reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain
     forwards (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's
     shape, halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3
-    drafts; sequential depths drafting over the draft_vocab shortlist 1.24-1.3x, 1.3-1.5x and 1.45-1.6x)."""
+    drafts; sequential depths drafting over the draft_vocab shortlist, read in five runs: 1.16-1.30x,
+    1.29-1.53x and 1.41-1.68x)."""
 
     def __init__(self, n_drafts, clock=True, style="parallel"):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock

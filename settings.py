@@ -162,9 +162,12 @@ def stage_at(step, stages):
 
 def lr_at(step, c, first=0):
     """Linear warmup, then cosine (or warmup-stable-decay) down to learning_rate * min_lr_ratio, which the
-    last step (max_iters - 1) reaches exactly. first > 0: the same shape over the steps first.. only (drafters that
-    join late, train.py's mtp_own_lr), with a warmup of at most an eighth of them."""
+    last step (max_iters - 1) reaches exactly when the steps outnumber the warmup. first > 0: the same shape over
+    the steps first.. only (drafters that join late, train.py's mtp_own_lr), with a warmup of at most an eighth of
+    them; 0 before first."""
     span, step = c.max_iters - first, step - first
+    if step < 0:
+        return 0.0
     warmup = c.warmup_iters if first == 0 else max(1, min(c.warmup_iters, span // 8))
     if step < warmup:
         return c.learning_rate * (step + 1) / warmup

@@ -33,7 +33,7 @@ STUDIES = {
     "heads": {
         "one_head": ["--n_predict=1", "--mtp_schedule=1"],
         # drafters on a detached trunk, learning at 1/8 of the positions, in the last quarter of the run
-        # (rows without --mtp_own_lr=True ran before it existed: the drafters on the run's schedule, its tail)
+        # (rows with --mtp_own_lr=False ran before it existed, the flag added to their records: the run's schedule)
         "par_det_s8_late25": ["--mtp_detach=True", "--mtp_sample=0.125", "--mtp_schedule=1@0.75;1,1,1,1",
                               "--mtp_own_lr=False"],
         "seq_det_s8_late25": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.125",
@@ -140,7 +140,8 @@ def main(argv):
             if not done:
                 raise SystemExit(f"error: --bench: no finished row {name!r} in study {study}")
             row = bench_row(study, done[0])
-            results = [row if r is done[0] else r for r in results]
+            results = json.loads(RESULTS.read_text())  # another study.py may have written meanwhile
+            results = [row if r["study"] == study and r["row"] == name else r for r in results]
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     elif "table" not in opts:
         wanted = opts["rows"].split(",") if "rows" in opts else list(STUDIES[study])

@@ -240,14 +240,10 @@ def test_a_state_saved_before_the_drafters_had_groups_resumes_exactly():
         fake_grads(m, 2)
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    c = copy.deepcopy(a)  # the saved state as it is, without regrouping: the groups come out wrong
+    c = copy.deepcopy(a)  # the saved state as it is, without regrouping: the drafters' groups take the old names
     opt_c = build(c, drafters=[p for h in c.heads[1:] for p in h.parameters()])
-    try:
-        set_optimizer_state_dict(c, opt_c, saved, options=full)
-        wrong = [g.get("name") for g in opt_c.param_groups] != [g["name"] for g in opt_b.param_groups]
-    except (KeyError, ValueError, RuntimeError):
-        wrong = True
-    assert wrong
+    set_optimizer_state_dict(c, opt_c, saved, options=full)
+    assert [g["name"] for g in opt_c.param_groups][-2:] == ["muon", "adamw_no_decay"]
 
 
 # ----------------------------------------------------------------------------- resume, zero gradients, bad settings

@@ -209,19 +209,20 @@ def test_batched_drafting_heads_equal_their_modules(monkeypatch):
     assert (h[1:] - full[1:, :10]).abs().max() > 1e-3  # 100 times the tolerance above
 
 
-def test_depth_fast_path_equals_the_depth_modules(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_depth_fast_path_equals_the_depth_modules(monkeypatch, batch):
     # sequential depths decode on weights folded per KV cache (Model._depth_fast: norms folded into the matrices, rope
     # as two tables, keys and values in one tensor, the last depth's block at p alone); each Depth module computes the
     # same: after feeds, drafts, rollbacks and catch-ups the states, keys, values and shortlist drafts of the two
-    # paths agree in float32 within 1e-5, with grouped-query attention and two sequences at once
+    # paths agree in float32 within 1e-5, with grouped-query attention, one sequence (as sample.py) and two at once
     torch.manual_seed(0)
     model = Model(ModelConfig(vocab_size=64, seq_len=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, n_experts=4,
                               top_k=2, n_predict=4, mtp_style="sequential")).eval()
-    ids = torch.randint(0, 64, (2, 40))
+    ids = torch.randint(0, 64, (2, 40))[:batch]
     fast_calls = []
     real = Model._depth_fast
     monkeypatch.setattr(Model, "_depth_fast", lambda self, i, *a: fast_calls.append(i) or real(self, i, *a))
-    caches = {name: KVCache(model, 64, batch=2, shortlist=range(0, 64, 3)) for name in ("fast", "modules")}
+    caches = {name: KVCache(model, 64, batch=batch, shortlist=range(0, 64, 3)) for name in ("fast", "modules")}
     caches["modules"].depths = None
     # (tokens fed before drafting, position to roll back to first or None)
     # (a 2-token prompt first: depth 3 at p = 1 reads only drafts, from the second one on)
@@ -252,7 +253,7 @@ def test_depth_fast_path_equals_the_depth_modules(monkeypatch):
             torch.testing.assert_close(fast.states[i, :, :fast.pos], modules.states[i, :, :fast.pos], rtol=0,
                                        atol=1e-5)
     # a negative control: depth 1 on depth 2's folded weights is not the modules' computation
-    cache = KVCache(model, 64, batch=2)
+    cache = KVCache(model, 64, batch=batch)
     cache.depths = cache.depths[1:2] + cache.depths[1:]
     with torch.no_grad():
         model(ids[:, :10], kv_cache=cache)

@@ -394,7 +394,7 @@ def test_drafters_joining_late_learn_on_their_own_schedule(tmp_path):
     c = SimpleNamespace(**dict(train.DEFAULTS, max_iters=100, warmup_iters=10, learning_rate=1.0, min_lr_ratio=0.1))
     own = [train.lr_at(s, c, 84) for s in range(84, 100)]  # 16 steps: a warmup of 16 // 8 = 2, then 14 of cosine
     assert own[:3] == [0.5, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 14))] and own[-1] == pytest.approx(0.1)
-    assert train.lr_at(84, c) < 0.2  # the run's own schedule near its floor there
+    assert train.lr_at(84, c) < 0.2 and train.lr_at(82, c, 84) == 0.0  # the run's near its floor; none before
     args = ["--max_iters=8", "--mtp_schedule=1@0.5;1,1", "--n_predict=2", "--eval_interval=6", "--warmup_iters=4"]
     for own_lr in (True, False):
         out = tmp_path / str(own_lr)

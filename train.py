@@ -60,7 +60,7 @@ cache_dir = ""  # token cache folder for text sources; "" means data_cache/ besi
 # drafters (README "What the extra heads buy")
 mtp_schedule = "1@0.9;1,1,1,1"
 mtp_sample = 0.0625  # fraction of each row's positions where heads 2..n learn (loss.sampled_columns); head 1 at all
-mtp_own_lr = True  # heads 2..n follow their own warmup and decay over the steps they train (lr_at), not the run's tail
+mtp_own_lr = True  # heads 2..n: their own warmup and decay from the first stage that trains one (lr_at), not the tail
 # optimizer
 optimizer = "muon"  # "muon": Muon for the weight matrices (each expert its own), AdamW for the rest; or "adamw"
 # (README "Muon or AdamW": 0.53 nats lower held-out loss than AdamW, each at its best of a sweep, same 240 steps)
