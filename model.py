@@ -248,33 +248,37 @@ class KVCache:
         return K[:, :, :end], V[:, :, :end]
 
 
+def _t(lin):
+    return lin.weight.detach().t().contiguous()  # (in, out)
+
+
+def fold_block(blk):
+    """A dense block's matrices for decoding, each (in, out), every RMSNorm's weight folded into the matrix after it
+    (norm(x) * g @ W = norm(x) @ (g * W)) and w1 | w3 side by side."""
+    return dict(qkv=blk.norm1.weight.detach()[:, None] * _t(blk.attn.qkv),  # (D, (H + 2 KV) hd)
+                proj=_t(blk.attn.proj),  # (D, D)
+                w13=blk.norm2.weight.detach()[:, None] * torch.cat([_t(blk.ffn.w1), _t(blk.ffn.w3)], 1),  # (D, 2F)
+                w2=_t(blk.ffn.w2))  # (F, D)
+
+
 def stack_drafters(heads):
-    """The drafting heads' blocks (parallel style, dense) as stacked weights for Model._decode_drafters: each
-    RMSNorm's weight folded into the matrix after it (norm(x) * g @ W.T = norm(x) @ (g * W.T)), and every head's
-    q, k, v projection side by side, since all of them read the same trunk output."""
-    t = lambda lin: lin.weight.detach().t()  # (in, out)
-    return dict(qkv=torch.cat([h.norm1.weight.detach()[:, None] * t(h.attn.qkv) for h in heads], 1),  # (D, n*Q)
-                proj=torch.stack([t(h.attn.proj) for h in heads]),  # (n, D, D)
-                w13=torch.stack([h.norm2.weight.detach()[:, None] * torch.cat([t(h.ffn.w1), t(h.ffn.w3)], 1)
-                                 for h in heads]),  # (n, D, 2F)
-                w2=torch.stack([t(h.ffn.w2) for h in heads]))  # (n, F, D)
+    """The drafting heads' blocks (parallel style, dense) folded (fold_block()) and stacked for
+    Model._decode_drafters, every head's q, k, v projection side by side, since all of them read the same trunk
+    output."""
+    folded = [fold_block(h) for h in heads]
+    return dict(qkv=torch.cat([f["qkv"] for f in folded], 1),  # (D, n*Q)
+                **{k: torch.stack([f[k] for f in folded]) for k in ("proj", "w13", "w2")})  # (n, in, out)
 
 
 def fold_depth(depth):
-    """A sequential depth's weights as Model._depth_fast reads them (decoding), folded once per KVCache, each (in,
-    out) and contiguous: every RMSNorm's weight into the matrix after it (norm(x) * g @ W = norm(x) @ (g * W)), so
-    the two norms before the merge become one norm over both inputs side by side; w1 | w3 side by side; the norms'
-    eps as tensors for unit_rms()."""
-    t = lambda lin: lin.weight.detach().t().contiguous()  # (in, out)
-    blk, attn = depth.block, depth.block.attn
+    """A sequential depth's weights as Model._depth_fast reads them (decoding), folded once per KVCache: its block's
+    (fold_block()), and the two norms before the merge as one norm over both inputs side by side, their weights
+    folded into the merge; the norms' eps as tensors for unit_rms()."""
+    blk = depth.block
     g_he = torch.cat([depth.norm_h.weight, depth.norm_e.weight]).detach()
     eps = lambda norm: g_he.new_tensor(torch.finfo(g_he.dtype).eps if norm.eps is None else norm.eps)  # as nn.RMSNorm
-    return dict(eps_he=eps(depth.norm_h), eps1=eps(blk.norm1), eps2=eps(blk.norm2),  # for unit_rms()
-                merge=g_he[:, None] * t(depth.merge),  # (2D, D)
-                qkv=blk.norm1.weight.detach()[:, None] * t(attn.qkv),  # (D, (H + 2 KV) hd)
-                proj=t(attn.proj),
-                w13=blk.norm2.weight.detach()[:, None] * torch.cat([t(blk.ffn.w1), t(blk.ffn.w3)], 1),  # (D, 2F)
-                w2=t(blk.ffn.w2))  # (F, D)
+    return dict(fold_block(blk), eps_he=eps(depth.norm_h), eps1=eps(blk.norm1), eps2=eps(blk.norm2),  # unit_rms()
+                merge=g_he[:, None] * _t(depth.merge))  # (2D, D)
 
 
 def unit_rms(x, eps):
@@ -510,6 +514,10 @@ class Model(nn.Module):
         for m in self.modules():
             if isinstance(m, MoE):
                 m.expert_bias.zero_()
+
+    def drafter_parameters(self):
+        """The drafting heads' own parameters (heads 2..n's modules; none with shared logits)."""
+        return [p for head in self.heads[1:] for p in head.parameters()]
 
     def param_counts(self):
         """-> (total, active per token). Active counts top_k of n_experts routed experts."""

@@ -202,7 +202,7 @@ def test_a_new_module_falls_under_the_rule_and_an_unknown_matrix_is_refused():
 @pytest.mark.parametrize("name", ["muon", "adamw"])
 def test_drafters_get_groups_of_their_own_that_step_like_the_rest(name):
     model = make(n_predict=3)
-    drafters = [p for h in model.heads[1:] for p in h.parameters()]
+    drafters = model.drafter_parameters()
     opt = build(model, name, drafters=drafters)
     mine = {id(p) for p in drafters}
     for g in opt.param_groups:  # each group holds drafters only or none, and says which
@@ -231,7 +231,7 @@ def test_a_state_saved_before_the_drafters_had_groups_resumes_exactly():
         opt_a.step()
     saved = through_file(get_optimizer_state_dict(a, opt_a, options=full))
     b = copy.deepcopy(a)
-    opt_b = build(b, drafters=[p for h in b.heads[1:] for p in h.parameters()])
+    opt_b = build(b, drafters=b.drafter_parameters())
     names = {p: n for n, p in b.named_parameters()}
     set_optimizer_state_dict(b, opt_b, checkpoint.regroup_optimizer(saved, opt_b, names), options=full)
     assert [g["name"] for g in opt_b.param_groups][-2:] == ["muon_drafters", "adamw_no_decay_drafters"]
@@ -241,7 +241,7 @@ def test_a_state_saved_before_the_drafters_had_groups_resumes_exactly():
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     c = copy.deepcopy(a)  # the saved state as it is, without regrouping: the drafters' groups take the old names
-    opt_c = build(c, drafters=[p for h in c.heads[1:] for p in h.parameters()])
+    opt_c = build(c, drafters=c.drafter_parameters())
     set_optimizer_state_dict(c, opt_c, saved, options=full)
     assert [g["name"] for g in opt_c.param_groups][-2:] == ["muon", "adamw_no_decay"]
 

@@ -256,7 +256,7 @@ def forward_backward(model, batches, heads, coef, autocast):
 def clip_gradients(raw_model, c):
     """Clip the global gradient norm to grad_clip -> the norm before clipping. With mtp_detach the drafting heads
     (2..n) are clipped on their own: the trunk and head 1 then take exactly a 1-head model's step."""
-    drafters = {id(p) for h in raw_model.heads[1:] for p in h.parameters()} if c.mtp_detach else set()
+    drafters = {id(p) for p in raw_model.drafter_parameters()} if c.mtp_detach else set()
     groups = [g for g in ([p for p in raw_model.parameters() if (id(p) in drafters) == d] for d in (0, 1)) if g]
     norms = [full(torch.nn.utils.clip_grad_norm_(g, c.grad_clip or float("inf"))) for g in groups]
     return norms[0] if len(norms) == 1 else torch.stack(norms).norm()
@@ -471,10 +471,9 @@ def build(c, env):
         for block in list(raw_model.blocks) + list(raw_model.heads):
             fully_shard(block)  # each block its own unit; the root (embedding, norm, unembedding) last
         fully_shard(fwd)
-    drafters = [p for head in raw_model.heads[1:] for p in head.parameters()] if c.mtp_own_lr else []
     opt = muon.build_optimizer(raw_model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
                                ns_dtype="float64" if c.dtype == "float64" else "bfloat16",  # fused AdamW: no host sync
-                               drafters=drafters)
+                               drafters=raw_model.drafter_parameters() if c.mtp_own_lr else ())
     return raw_model, fwd, opt
 
 
