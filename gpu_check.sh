@@ -2,7 +2,7 @@
 # gpu_check.sh: on a machine with an NVIDIA GPU, check the CUDA paths against the CPU references the tests
 # use, sample on the GPU (temperature > 0, greedy speculative), train the GPT-2-sized preset's shape briefly
 # on the default corpus with compile on (tokens/s, FLOP/s per device, MFU), and print bench.py's figures.
-# Meant to take under 8 minutes on one H100/H200 (not yet run on a GPU; its timeouts allow 15).
+# About 5 minutes on one H200 (sections 1-2b 233 s, bench.py 80 s; its timeouts allow 15).
 #   bash gpu_check.sh 2>&1 | tee gpu_check.log
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -47,9 +47,12 @@ def run(model, autocast):
         o = ModelWithLoss(model)(batch)
     (o.sums / o.counts).sum().backward(); return o.sums / o.counts
 lf, lr = run(fast, True), run(ref, False)
-gerr = max(rel(a.grad, b.grad) for a, b in zip(fast.parameters(), ref.parameters()))
-print(f"model bf16/flex/grouped vs fp32/sdpa/loop: per-head loss {lf.tolist()} vs {lr.tolist()}, max grad rel err {gerr:.2e}")
-assert (lf - lr).abs().max() < 0.05 and gerr < 0.1
+named = [(n, a.grad, b.grad) for (n, a), b in zip(fast.named_parameters(), ref.parameters()) if b.grad is not None]
+gerr = rel(torch.cat([a.flatten() for _, a, _ in named]), torch.cat([b.flatten() for _, _, b in named]))
+worst = sorted(((rel(a, b), n) for n, a, b in named), reverse=True)[:3]
+print(f"model bf16/flex/grouped vs fp32/sdpa/loop: per-head loss {lf.tolist()} vs {lr.tolist()}, all gradients' rel err "
+      f"{gerr:.2e}; worst parameters: " + ", ".join(f"{n} {e:.2e}" for e, n in worst))
+assert (lf - lr).abs().max() < 0.05 and gerr < 0.05
 # fused AdamW vs foreach AdamW: one step from the same gradients
 p1 = [p.detach().clone().requires_grad_() for p in ref.parameters()]; p2 = [p.detach().clone().requires_grad_() for p in ref.parameters()]
 for a, b, r in zip(p1, p2, ref.parameters()): a.grad, b.grad = r.grad.clone(), r.grad.clone()

@@ -88,9 +88,10 @@ def parse_config(argv, defaults):
 
 
 def resolve_device(name):
-    """'auto', 'cpu', 'cuda', 'cuda:N' -> torch.device, or ValueError when this machine has no such device."""
+    """'auto', 'cpu', 'cuda', 'cuda:N' -> torch.device, or ValueError when this machine has no such device. A
+    CUDA device always comes back with its index (torch.cuda.set_device refuses a bare 'cuda')."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -99,6 +100,8 @@ def resolve_device(name):
         raise ValueError(f"device={name!r}, expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

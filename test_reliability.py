@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+import settings
 import train
 from settings import parse_config
 from test_train import launch, metrics, state, train_run, wait_for_steps
@@ -389,6 +390,18 @@ def test_a_hash_inside_a_quoted_config_value_is_kept(tmp_path):
     assert cfg["mtp_schedule"] == "1#2" and cfg["n_embd"] == 64
     conf.write_text("mtp_schedule = 1#2\n")  # a negative control: unquoted, the # starts a comment
     assert parse_config([f"--config={conf}"], train.DEFAULTS)["mtp_schedule"] == "1"
+
+
+def test_a_cuda_device_comes_back_with_its_index(monkeypatch):
+    """torch.cuda.set_device (train.setup) refuses a bare 'cuda': 'auto' and 'cuda' name the current device's
+    index. CUDA's presence is faked (the logic runs on any machine); 'cpu' keeps no index."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert [str(settings.resolve_device(n)) for n in ("auto", "cuda", "cuda:0", "cpu")] == \
+        ["cuda:1", "cuda:1", "cuda:0", "cpu"]
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        settings.resolve_device("cuda:2")
 
 
 def test_an_out_dir_that_is_a_file(tmp_path, capsys):
