@@ -95,21 +95,26 @@ class DraftPolicy:
     """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks
     the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
     sample's acceptance a_j of draft j given the ones before it (recent drafts weigh more: a text's easy and
-    hard stretches alternate; Beta(1, 1) prior), over the measured seconds of forwards computing d drafts (the
-    median of the last 8: a shared machine's hiccups of several milliseconds must not make plain decoding look
-    dearer than drafting; unmeasured ones interpolated between d = 0 and d = n_drafts, which are measured first).
-    While plain decoding wins, one probe with drafts runs after 4, 8, 16, ... (at most 64) plain forwards, so a
-    stretch of text where drafts hold is noticed. With sampling the
-    drafts change which random numbers are drawn, so there the decisions must not depend on the clock, or a
-    seed would not reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain
-    forwards (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's
-    shape, halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3
-    drafts; sequential depths drafting over the draft_vocab shortlist, read in five runs: 1.16-1.30x,
-    1.29-1.53x and 1.41-1.68x)."""
+    hard stretches alternate; Beta(1, 1) prior), over the seconds of a forward with d drafts. That cost is timed
+    in two parts, each the median of its last 8 readings and trusted from its third: verifying (the forward that
+    feeds the drafts and judges them, keyed by how many it fed) and drafting (keyed by how many it drafted), so
+    that every forward, a probe's too, refreshes the figures, and one reading (a shared machine's hiccup of
+    several milliseconds) cannot make drafting look dearer than plain decoding for the rest of a sample.
+    Unmeasured costs are interpolated between d = 0 and d = n_drafts, which are measured first. While plain
+    decoding wins, one probe with drafts runs after 4, 8, 16, ... (at most 64) plain forwards, so a stretch of
+    text where drafts hold is noticed. With sampling the drafts change which random numbers are drawn, so there
+    the decisions must not depend on the clock, or a seed would not reproduce a sample: the cost of d >= 1 drafts
+    is then taken as 1 + fixed + per_draft * d plain forwards (NO_CLOCK_COST by style), about what
+    `bench.py --decode` measures on a CPU for the default model's shape, halfway between every draft holding and
+    the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3 drafts; sequential depths drafting over the
+    draft_vocab shortlist, read in five runs: 1.16-1.30x, 1.29-1.53x and 1.41-1.68x)."""
+
+    TRUSTED = 3  # readings of a part before its median is used
 
     def __init__(self, n_drafts, clock=True, style="parallel"):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
-        self.times = [[] for _ in range(n_drafts + 1)]  # the last seconds measured per d (clock only)
+        # the last seconds read per count (clock only): verify[j], a forward feeding j drafts; draft[d], drafting d
+        self.verify, self.draft = [[] for _ in range(n_drafts + 1)], [[] for _ in range(n_drafts + 1)]
         fixed, per_draft = NO_CLOCK_COST[style]
         self.sec = [None] * (n_drafts + 1) if clock else [1 + (fixed + per_draft * d if d else 0)
                                                          for d in range(n_drafts + 1)]
@@ -119,10 +124,17 @@ class DraftPolicy:
         self.tries[depth] = 0.9 * self.tries[depth] + 1
         self.hits[depth] = 0.9 * self.hits[depth] + accepted
 
-    def timed(self, d, seconds):
-        if self.clock:
-            self.times[d] = self.times[d][-7:] + [seconds]
-            self.sec[d] = statistics.median(self.times[d])
+    def timed(self, fed, verify_s, drafted, draft_s):
+        """A forward that fed `fed` drafts and judged them in verify_s seconds, then drafted `drafted` in draft_s."""
+        if not self.clock:
+            return
+        self.verify[fed] = self.verify[fed][-7:] + [verify_s]
+        if drafted:
+            self.draft[drafted] = self.draft[drafted][-7:] + [draft_s]
+        for d in {fed, drafted}:
+            parts = [self.verify[d]] + ([self.draft[d]] if d else [])
+            if all(len(p) >= self.TRUSTED for p in parts):
+                self.sec[d] = sum(statistics.median(p) for p in parts)
 
     def expected_tokens(self, d):
         p, e = 1.0, 1.0
@@ -183,7 +195,6 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None, style=style if speculative else "parallel")
     out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
     d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
-    prev_d = d
 
     def emit(tok):
         out.append(tok)
@@ -192,7 +203,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         return tok == EOT or len(out) >= budget
 
     while True:
-        t_fwd, start = time.time(), cache.pos
+        t_fwd, start = time.perf_counter(), cache.pos
         heads = range(1 + d) if style == "parallel" else [0]  # sequential depths draft after this forward
         hidden = model(torch.tensor([feed], device=dev), kv_cache=cache, heads=heads).hidden[:, 0]  # (heads, T, D)
         forwards += 1
@@ -225,15 +236,15 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
         cache.truncate(start + len(feed) - len(drafts) + kept)  # drop the rejected drafts' keys and values
         # drafts fed next must fit the budget (each may become a token of out) and the context (after out[-1])
         room = min(budget - len(out), seq_len - cache.pos - 1)
-        all_held, drafts, q = kept == len(drafts), [], None
+        n_fed, all_held, drafts, q, t_draft = len(drafts), kept == len(drafts), [], None, time.perf_counter()
         if d > 0 and room > 0:  # at the last kept position: the last fed one if every draft held, scored already
             n_next = min(d, room)
             drafts, q = make_drafts(model, cache, hidden[1:1 + n_next, base + kept], out[-1], n_next, dist, gen,
                                     ahead[:n_next] if all_held else None)
         feed = [out[-1]] + drafts
-        if forwards > 2 and d == prev_d:  # steady state only (a forward also pays for feeding the drafts before
-            policy.timed(d, time.time() - t_fwd)  # it), and not the first two, which pay for warming up
-        prev_d, d = d, policy.choose()
+        if forwards > 2:  # not the first two: they feed the prompt and pay for warming up
+            policy.timed(n_fed, t_draft - t_fwd, len(drafts), time.perf_counter() - t_draft)
+        d = policy.choose()
     dt = time.time() - t0
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),
                      tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted)

@@ -294,19 +294,27 @@ def test_bench_decoding_rows():
         assert all(v > 0 for v in r["ms"].values()) and r["ratio"]["plain"] == 1.0
 
 
+def timed(policy, d, seconds, times=DraftPolicy.TRUSTED):
+    """`times` steady forwards with d drafts: each feeds d drafts and drafts d, `seconds` in all (half and half)."""
+    for _ in range(times):
+        policy.timed(d, seconds / 2 if d else seconds, d, seconds / 2)
+
+
 def test_drafting_stops_when_drafts_fail(cyclic_model):
     policy = DraftPolicy(3)
     assert policy.choose() == 3
-    policy.timed(3, 2.0)
-    assert policy.choose() == 0
-    policy.timed(0, 1.0)
+    timed(policy, 3, 2.0, times=DraftPolicy.TRUSTED - 1)
+    assert policy.choose() == 3  # not trusted yet: still measuring
+    timed(policy, 3, 2.0, times=1)
+    assert policy.choose() == 0 and policy.sec[3] == 2.0
+    timed(policy, 0, 1.0)
     for _ in range(20):
         policy.record(0, False)  # the first draft always fails: 1 token per forward at twice the cost
     choices = [policy.choose() for _ in range(40)]
     assert choices.count(0) >= 36 and 0 < sum(1 for d in choices if d) <= 4  # plain, with rare probes
     good = DraftPolicy(3)
-    good.timed(3, 2.0)
-    good.timed(0, 1.0)
+    timed(good, 3, 2.0)
+    timed(good, 0, 1.0)
     for j in range(3):
         for _ in range(20):
             good.record(j, True)
@@ -315,10 +323,35 @@ def test_drafting_stops_when_drafts_fail(cyclic_model):
     # a running mean (0.8 old + 0.2 new) would cost plain 2.8 and pick d = 1 (1.3 tokens for 1.5)
     noisy = DraftPolicy(3)
     for d, sec in [(3, 2.0), (1, 1.5)] + [(0, 1.0)] * 6 + [(0, 10.0)]:
-        noisy.timed(d, sec)
+        timed(noisy, d, sec, times=1 if d == 0 else DraftPolicy.TRUSTED)
     for _ in range(20):
         noisy.record(0, False), noisy.record(0, True), noisy.record(0, False)  # a third of first drafts hold
     assert noisy.choose() == 0
+    # nor one slow drafting forward among three make drafts that hold look dear for the rest of a sample
+    hiccup = DraftPolicy(3)
+    for sec in (1.6, 20.0, 1.6):
+        timed(hiccup, 3, sec, times=1)
+    timed(hiccup, 0, 1.0)
+    for j in range(3):
+        for _ in range(20):
+            hiccup.record(j, True)
+    assert hiccup.sec[3] == 1.6 and hiccup.choose() == 3
+    # a probe's forwards refresh the cost of drafting: three slow drafting forwards send the policy to plain
+    # decoding, then probes (drafting 3 after plain forwards, then verifying them) find drafting cheap again
+    slow = DraftPolicy(3)
+    timed(slow, 3, 8.0)
+    timed(slow, 0, 1.0)
+    for j in range(3):
+        for _ in range(20):
+            slow.record(j, True)
+    assert slow.choose() == 0
+    def probe():
+        slow.timed(0, 1.0, 3, 0.5)  # a probe: fed no drafts, drafted 3 in 0.5
+        slow.timed(3, 1.1, 0, 0.0)  # the next forward: fed those 3, verified in 1.1, drafted none
+    probe(), probe()
+    assert slow.sec[3] == 8.0 and slow.choose() == 0  # each part's median of 3 slow and 2 fast readings: slow
+    probe(), probe()
+    assert slow.sec[3] == 1.1 + 0.5 and slow.choose() == 3  # 3 slow and 4 fast: drafting again
     # end to end: heads 2..4 re-initialized, so drafts are random guesses: they fail, the sample decodes plainly
     # (sampling: the policy's costs are then fixed, not measured, so the test does not depend on the clock)
     model = copy.deepcopy(cyclic_model[0])
