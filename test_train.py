@@ -408,6 +408,33 @@ def test_drafters_joining_late_learn_on_their_own_schedule(tmp_path):
         assert own_lr == (drafters != trunk)
 
 
+def test_clipping_each_group_and_drafters_without_gradients():
+    """With mtp_detach the trunk (and head 1) and the drafters are clipped each on its own; the norm returned is
+    both together. Before their stage the drafters have no gradient, and torch's norm of no gradients is a CPU
+    tensor: stacked with the trunk's on a GPU it failed. The meta device stands in for a GPU (any device but the
+    CPU's fails the same way); the values are checked on the CPU by hand."""
+    from model import Model, ModelConfig
+    c = SimpleNamespace(mtp_detach=True, grad_clip=1.0)
+    for device in ("meta", "cpu"):
+        model = Model(ModelConfig(n_embd=32, n_head=2, seq_len=16)).to(device)
+        drafters = {id(p) for p in model.drafter_parameters()}
+        trunk = [p for p in model.parameters() if id(p) not in drafters]
+        for p in trunk:
+            p.grad = torch.ones_like(p)
+        norm = train.clip_gradients(model, c)
+        assert norm.device.type == device
+    n_trunk, n_drafters = sum(p.numel() for p in trunk), sum(p.numel() for p in model.drafter_parameters())
+    assert math.isclose(norm.item(), math.sqrt(n_trunk), rel_tol=1e-5)
+    assert math.isclose(trunk[0].grad[0].flatten()[0].item(), 1 / math.sqrt(n_trunk), rel_tol=1e-4)  # clipped to 1
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0 if id(p) in drafters else 1.0)
+    norm = train.clip_gradients(model, c)
+    assert math.isclose(norm.item(), math.sqrt(n_trunk + 4 * n_drafters), rel_tol=1e-5)
+    drafter = model.drafter_parameters()[0]
+    assert math.isclose(drafter.grad.flatten()[0].item(), 1 / math.sqrt(n_drafters), rel_tol=1e-4)  # on its own
+    assert math.isclose(trunk[0].grad.flatten()[0].item(), 1 / math.sqrt(n_trunk), rel_tol=1e-4)
+
+
 def test_head_schedule_stages_as_fractions():
     p = settings.parse_schedule
     assert p("1,.5@0.1;1", 2, 240) == [(0, (1.0, 0.5)), (24, (1.0, 0.0))]  # the first tenth with two heads

@@ -257,7 +257,9 @@ def clip_gradients(raw_model, c):
     """Clip the global gradient norm to grad_clip -> the norm before clipping. With mtp_detach the drafting heads
     (2..n) are clipped on their own: the trunk and head 1 then take exactly a 1-head model's step."""
     drafters = {id(p) for p in raw_model.drafter_parameters()} if c.mtp_detach else set()
-    groups = [g for g in ([p for p in raw_model.parameters() if (id(p) in drafters) == d] for d in (0, 1)) if g]
+    # parameters without a gradient (drafters before their stage) left out: torch's norm of none is a CPU tensor
+    with_grad = [p for p in raw_model.parameters() if p.grad is not None]
+    groups = [g for g in ([p for p in with_grad if (id(p) in drafters) == d] for d in (0, 1)) if g]
     norms = [full(torch.nn.utils.clip_grad_norm_(g, c.grad_clip or float("inf"))) for g in groups]
     return norms[0] if len(norms) == 1 else torch.stack(norms).norm()
 
