@@ -2,7 +2,8 @@
 # gpu_check.sh: on a machine with an NVIDIA GPU, check the CUDA paths against the CPU references the tests
 # use, sample on the GPU (temperature > 0, greedy speculative), train the GPT-2-sized preset's shape briefly
 # on the default corpus with compile on (tokens/s, FLOP/s per device, MFU), run `python train.py` as it is (its
-# first stage trains head 1 alone) with its checkpoint's speedup, and print bench.py's figures.
+# first stage trains head 1 alone; stopped halfway and resumed) with its checkpoint's speedup, and print
+# bench.py's figures.
 # About 7 minutes on one H200 (sections 1-2b 233 s, 2c 130 s, bench.py 80 s; its timeouts allow 17).
 #   bash gpu_check.sh 2>&1 | tee gpu_check.log
 set -euo pipefail
@@ -95,8 +96,9 @@ echo "== 2b. speculative vs plain greedy decoding from that checkpoint, 20 held-
 timeout 120 $PY sample.py --out_dir=/tmp/gpu_check_run --bench=True --max_new_tokens=128
 
 echo "== 2c. python train.py as it is (the CPU default: 1 head first, then the drafters' stage), then its speedup"
-rm -rf /tmp/gpu_check_default
-timeout 300 $PY train.py --out_dir=/tmp/gpu_check_default
+rm -rf /tmp/gpu_check_default  # stopped at step 120 and resumed: a resume on the GPU (RNG, optimizer, compile)
+timeout 300 $PY train.py --out_dir=/tmp/gpu_check_default --stop_after=120
+timeout 300 $PY train.py --out_dir=/tmp/gpu_check_default --init_from=resume
 timeout 120 $PY sample.py --out_dir=/tmp/gpu_check_default --bench=True --max_new_tokens=128
 
 echo "== 3. bench.py"
