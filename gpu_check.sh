@@ -4,7 +4,8 @@
 # on the default corpus with compile on (tokens/s, FLOP/s per device, MFU), run `python train.py` as it is (its
 # first stage trains head 1 alone; stopped halfway and resumed) with its checkpoint's speedup, and print
 # bench.py's figures.
-# About 7 minutes on one H200 (sections 1-2b 233 s, 2c 130 s, bench.py 80 s; its timeouts allow 17).
+# About 8 minutes on one H200 (sections 1-2b 233 s, 2c 130 s when not stopped and resumed, bench.py 80 s); its
+# timeouts add up to 27.
 #   bash gpu_check.sh 2>&1 | tee gpu_check.log
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -49,12 +50,15 @@ def run(model, autocast):
         o = ModelWithLoss(model)(batch)
     (o.sums / o.counts).sum().backward(); return o.sums / o.counts
 lf, lr = run(fast, True), run(ref, False)
-named = [(n, a.grad, b.grad) for (n, a), b in zip(fast.named_parameters(), ref.parameters()) if b.grad is not None]
+named = [(n, a.grad, b.grad) for (n, a), b in zip(fast.named_parameters(), ref.parameters())
+         if a.grad is not None and b.grad is not None]
 gerr = rel(torch.cat([a.flatten() for _, a, _ in named]), torch.cat([b.flatten() for _, _, b in named]))
 worst = sorted(((rel(a, b), n) for n, a, b in named), reverse=True)[:3]
 print(f"model bf16/flex/grouped vs fp32/sdpa/loop: per-head loss {lf.tolist()} vs {lr.tolist()}, all gradients' rel err "
       f"{gerr:.2e}; worst parameters: " + ", ".join(f"{n} {e:.2e}" for e, n in worst))
-assert (lf - lr).abs().max() < 0.05 and gerr < 0.05
+# each parameter too, loosely: a top-2 choice that flips under bf16 moves a token to another expert (routers 0.21,
+# an expert's w1 0.13 measured on an H200)
+assert (lf - lr).abs().max() < 0.05 and gerr < 0.05 and worst[0][0] < 0.3
 # fused AdamW vs foreach AdamW: one step from the same gradients
 p1 = [p.detach().clone().requires_grad_() for p in ref.parameters()]; p2 = [p.detach().clone().requires_grad_() for p in ref.parameters()]
 for a, b, r in zip(p1, p2, ref.parameters()): a.grad, b.grad = r.grad.clone(), r.grad.clone()
@@ -87,7 +91,7 @@ print("sampling on CUDA (temperature 0.9, seeds reproduce) and greedy speculativ
 EOF
 
 echo "== 2. the GPT-2-sized preset's shape, 300 steps on the default corpus (bf16, flex, grouped matmul, compile)"
-# 4 heads throughout: the drafters of 2b must have trained (the default schedule drops them after a tenth)
+# 4 heads throughout (the default schedule trains the drafters in the last tenth only: section 2c runs it)
 rm -rf /tmp/gpu_check_run
 timeout 300 $PY train.py --config=configs/gpt2_small_moe.conf --data=None --val_fraction=0.02 --out_dir=/tmp/gpu_check_run \
     --mtp_schedule=1,1,1,1 --grad_accum_steps=1 --max_iters=300 --warmup_iters=30 --eval_interval=150 --eval_iters=2 --log_interval=25

@@ -96,29 +96,34 @@ class DraftPolicy:
     the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
     sample's acceptance a_j of draft j given the ones before it (recent drafts weigh more: a text's easy and
     hard stretches alternate; Beta(1, 1) prior), over the seconds of a forward with d drafts. That cost is timed
-    in two parts, each the median of its last 8 readings and trusted from its third: verifying (the forward that
-    feeds the drafts and judges them, keyed by how many it fed) and drafting (keyed by how many it drafted), so
-    that every forward, a probe's too, refreshes the figures, and one reading (a shared machine's hiccup of
-    several milliseconds) cannot make drafting look dearer than plain decoding for the rest of a sample.
-    Unmeasured costs are interpolated between d = 0 and d = n_drafts, which are measured first. While plain
-    decoding wins, one probe with drafts runs after 4, 8, 16, ... (at most 64) plain forwards, so a stretch of
-    text where drafts hold is noticed. With sampling the drafts change which random numbers are drawn, so there
-    the decisions must not depend on the clock, or a seed would not reproduce a sample: the cost of d >= 1 drafts
-    is then taken as 1 + fixed + per_draft * d plain forwards (NO_CLOCK_COST by style), about what
-    `bench.py --decode` measures on a CPU for the default model's shape, halfway between every draft holding and
-    the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3 drafts; sequential depths drafting over the
-    draft_vocab shortlist, read in five runs: 1.16-1.30x, 1.29-1.53x and 1.41-1.68x)."""
+    in two parts, each the median of its last 8 readings and trusted from its third, so that one reading (a
+    shared machine's hiccup of several milliseconds) cannot make drafting look dearer than plain decoding for the
+    rest of a sample: verifying (the forward that feeds drafts and judges them: sequential depths, keyed by how
+    many it fed; parallel heads, which run in that forward, by how many heads it ran) and drafting (by how many
+    it drafted). A reading is left out where the heads or depths a forward runs had fallen behind, as after plain
+    forwards (they first catch up on every position they missed). Unmeasured costs are interpolated between d = 0
+    and d = n_drafts, which are measured first. While fewer drafts win, one probe with all n_drafts runs after 4,
+    8, 16, ... (at most 64) forwards, so a stretch of text where drafts hold is noticed and the verifying part of
+    drafting is timed again (the drafting part is timed again once drafting wins). With sampling the drafts change
+    which random numbers are drawn, so there the decisions must not depend on the clock, or a seed would not
+    reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain forwards
+    (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's shape,
+    halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3
+    drafts; sequential depths drafting over the draft_vocab shortlist, read in five runs: 1.16-1.30x, 1.29-1.53x
+    and 1.41-1.68x)."""
 
     TRUSTED = 3  # readings of a part before its median is used
 
     def __init__(self, n_drafts, clock=True, style="parallel"):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
-        # the last seconds read per count (clock only): verify[j], a forward feeding j drafts; draft[d], drafting d
+        self.parallel = style == "parallel"
+        # the last seconds read per count (clock only): verify[j], a forward feeding j drafts (parallel heads: running
+        # j drafting heads); draft[d], drafting d
         self.verify, self.draft = [[] for _ in range(n_drafts + 1)], [[] for _ in range(n_drafts + 1)]
         fixed, per_draft = NO_CLOCK_COST[style]
         self.sec = [None] * (n_drafts + 1) if clock else [1 + (fixed + per_draft * d if d else 0)
                                                          for d in range(n_drafts + 1)]
-        self.plain_run, self.probe_after = 0, 4
+        self.since_all, self.probe_after = 0, 4  # forwards since all n_drafts were drafted; the next probe's
 
     def record(self, depth, accepted):
         self.tries[depth] = 0.9 * self.tries[depth] + 1
@@ -128,8 +133,11 @@ class DraftPolicy:
         """A forward that fed `fed` drafts and judged them in verify_s seconds, then drafted `drafted` in draft_s."""
         if not self.clock:
             return
-        self.verify[fed] = self.verify[fed][-7:] + [verify_s]
-        if drafted:
+        behind = drafted > fed  # the heads or depths beyond the previous forward's caught up first
+        if not (self.parallel and behind):  # parallel heads run in the verify forward, sequential depths after it
+            key = drafted if self.parallel else fed
+            self.verify[key] = self.verify[key][-7:] + [verify_s]
+        if drafted and (self.parallel or not behind):
             self.draft[drafted] = self.draft[drafted][-7:] + [draft_s]
         for d in {fed, drafted}:
             parts = [self.verify[d]] + ([self.draft[d]] if d else [])
@@ -152,14 +160,14 @@ class DraftPolicy:
         lo, hi = self.sec[0], self.sec[self.n]
         cost = [s if s is not None else lo + (hi - lo) * d / self.n for d, s in enumerate(self.sec)]
         best = max(range(self.n + 1), key=lambda d: self.expected_tokens(d) / cost[d])
-        if best > 0:
-            self.plain_run, self.probe_after = 0, 4
+        if best == self.n:
+            self.since_all, self.probe_after = 0, 4
             return best
-        self.plain_run += 1
-        if self.plain_run >= self.probe_after:  # a probe: drafts again, once
-            self.plain_run, self.probe_after = 0, min(2 * self.probe_after, 64)
-            return max(range(1, self.n + 1), key=lambda d: self.expected_tokens(d) / cost[d])
-        return 0
+        self.since_all += 1
+        if self.since_all >= self.probe_after:  # a probe: every draft, once
+            self.since_all, self.probe_after = 0, min(2 * self.probe_after, 64)
+            return self.n
+        return best
 
 
 _told = set()

@@ -65,6 +65,11 @@ STUDIES = {
         "seq_own_s16_late5_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
                                  "--mtp_schedule=1@0.95;1,1,1,1", "--mtp_own_lr=True", "--max_iters=720"],
         "one_head_eq5_x3": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=732"],  # 36 drafting steps at 1.34x
+        # a third seed for goal 1's gaps under 0.01 nats (the default's loss is 1 head's at 240 steps)
+        "seq_own_s16_late10_seed2": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
+                                     "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=True", "--seed=2"],
+        "one_head_eq_seed2": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=248", "--seed=2"],
+        "one_head_eq5_seed2": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=244", "--seed=2"],
         "seq_own_s16_late10_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
                                   "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=True", "--max_iters=720"],
     },

@@ -336,22 +336,35 @@ def test_drafting_stops_when_drafts_fail(cyclic_model):
         for _ in range(20):
             hiccup.record(j, True)
     assert hiccup.sec[3] == 1.6 and hiccup.choose() == 3
-    # a probe's forwards refresh the cost of drafting: three slow drafting forwards send the policy to plain
-    # decoding, then probes (drafting 3 after plain forwards, then verifying them) find drafting cheap again
-    slow = DraftPolicy(3)
-    timed(slow, 3, 8.0)
-    timed(slow, 0, 1.0)
-    for j in range(3):
-        for _ in range(20):
-            slow.record(j, True)
-    assert slow.choose() == 0
-    def probe():
-        slow.timed(0, 1.0, 3, 0.5)  # a probe: fed no drafts, drafted 3 in 0.5
-        slow.timed(3, 1.1, 0, 0.0)  # the next forward: fed those 3, verified in 1.1, drafted none
-    probe(), probe()
-    assert slow.sec[3] == 8.0 and slow.choose() == 0  # each part's median of 3 slow and 2 fast readings: slow
-    probe(), probe()
-    assert slow.sec[3] == 1.1 + 0.5 and slow.choose() == 3  # 3 slow and 4 fast: drafting again
+    # which readings count: where the depths or heads a forward runs had fallen behind (after fewer drafts), they
+    # caught up first, so that part is left out; parallel heads run in the verify forward, which they key
+    seq, par = DraftPolicy(3, style="sequential"), DraftPolicy(3, style="parallel")
+    seq.timed(0, 1.0, 3, 0.9), par.timed(0, 2.0, 3, 0.1)  # a probe after plain forwards
+    assert seq.verify[0] == [1.0] and seq.draft[3] == [] and par.verify == [[]] * 4 and par.draft[3] == [0.1]
+    seq.timed(3, 1.2, 0, 0.0), par.timed(3, 1.1, 0, 0.0)  # the forward after it, back to plain
+    assert seq.verify[3] == [1.2] and par.verify[0] == [1.1] and par.verify[3] == []
+    # three forwards whose verifying was slow (a hiccup) make drafting look dear; fewer drafts win, and the
+    # probes with all drafts time verifying again until drafting wins: driven through choose() as generate() does
+    def decode(policy, forwards, verify_s=lambda fed: 1.0 + 0.03 * fed, draft_s=lambda d: 0.15 * d):
+        fed, chosen = 0, []
+        for _ in range(forwards):
+            for i in range(fed):
+                policy.record(i, True)  # every draft holds
+            d = policy.choose()
+            policy.timed(fed, verify_s(fed), d, draft_s(d))
+            fed = d
+            chosen.append(d)
+        return chosen
+    for probes in (True, False):
+        slow = DraftPolicy(3, style="sequential")
+        for _ in range(DraftPolicy.TRUSTED):
+            slow.timed(3, 7.5, 3, 0.5)  # a hiccup while verifying; drafting timed right
+        timed(slow, 0, 1.0)
+        assert slow.sec[3] == 8.0 and slow.choose() < 3
+        if not probes:  # a negative control: no probes, and the stale cost keeps fewer drafts to the end
+            slow.probe_after = 10**9
+        chosen = decode(slow, 200)
+        assert (chosen[-20:] == [3] * 20) == probes, chosen
     # end to end: heads 2..4 re-initialized, so drafts are random guesses: they fail, the sample decodes plainly
     # (sampling: the policy's costs are then fixed, not measured, so the test does not depend on the clock)
     model = copy.deepcopy(cyclic_model[0])
@@ -373,6 +386,24 @@ def test_sampling_is_reproducible(cyclic_model):
         for spec in (False, True):
             assert run(5, spec) == run(5, spec)
     assert run(5, True) != run(6, True)  # the random model: the seed matters
+
+
+def test_generate_times_each_forward_by_what_it_fed_and_drafted(cyclic_sequential, monkeypatch):
+    """generate() hands the policy every forward but the first two (the prompt, warming up) and the last (it
+    ends the sample before drafting): the drafts it fed, which the forward before drafted, and what it drafted,
+    with the seconds of each part."""
+    calls, real = [], DraftPolicy.timed
+
+    def spy(self, fed, verify_s, drafted, draft_s):
+        calls.append((fed, verify_s, drafted, draft_s))
+        real(self, fed, verify_s, drafted, draft_s)
+    monkeypatch.setattr(DraftPolicy, "timed", spy)
+    model, pattern = cyclic_sequential
+    _, stats = generate(model, pattern[:5].tolist(), 48, speculative=True)
+    assert stats["forwards"] >= 6 and len(calls) == stats["forwards"] - 3
+    assert all(b[0] == a[2] for a, b in zip(calls, calls[1:]))  # fed = what the forward before drafted
+    assert any(c[2] for c in calls) and all(v > 0 and s >= 0 and (s > 0 or not d) for _, v, d, s in calls)
+    assert sum(c[0] for c in calls) <= stats["drafts_fed"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
