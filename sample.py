@@ -92,25 +92,25 @@ NO_CLOCK_COST = {"parallel": (0.3, 0.17), "sequential": (0.12, 0.13)}  # plain f
 
 
 class DraftPolicy:
-    """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks
-    the d with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this
-    sample's acceptance a_j of draft j given the ones before it (recent drafts weigh more: a text's easy and
-    hard stretches alternate; Beta(1, 1) prior), over the seconds of a forward with d drafts. That cost is timed
-    in two parts, each the median of its last 8 readings and trusted from its third, so that one reading (a
-    shared machine's hiccup of several milliseconds) cannot make drafting look dearer than plain decoding for the
-    rest of a sample: verifying (the forward that feeds drafts and judges them: sequential depths, keyed by how
-    many it fed; parallel heads, which run in that forward, by how many heads it ran) and drafting (by how many
-    it drafted). A reading is left out where the heads or depths a forward runs had fallen behind, as after plain
-    forwards (they first catch up on every position they missed). Unmeasured costs are interpolated between d = 0
-    and d = n_drafts, which are measured first. While fewer drafts win, one probe with all n_drafts runs after 4,
-    8, 16, ... (at most 64) forwards, so a stretch of text where drafts hold is noticed and the verifying part of
-    drafting is timed again (the drafting part is timed again once drafting wins). With sampling the drafts change
+    """How many drafts the next forward computes, d in 0..n_drafts (0: plain decoding, head 1 only). It picks the d
+    with the most expected tokens per second: expected tokens 1 + sum_i prod_{j<=i} a_j from this sample's
+    acceptance a_j of draft j given the ones before it (recent drafts weigh more: a text's easy and hard stretches
+    alternate; Beta(1, 1) prior), over the seconds of a forward with d drafts. That cost is timed in two parts, each
+    the median of its last 8 readings and trusted from its third, so that one reading (a shared machine's hiccup of
+    several milliseconds) cannot make drafting look dearer than plain decoding for the rest of a sample: verifying
+    (the forward that feeds drafts and judges them: sequential depths, keyed by how many it fed; parallel heads,
+    which run in that forward, by how many heads it ran) and drafting (by how many it drafted). A reading is left
+    out where the heads or depths a forward runs had fallen behind, as after plain forwards (they first catch up on
+    every position they missed). Unmeasured costs are interpolated between d = 0 and d = n_drafts, which are
+    measured first. While fewer drafts win, a probe runs after 4, 8, 16, ... (at most 64) forwards: two forwards
+    with all n_drafts (in the first the heads or depths catch up, the second times both parts again), so a stretch
+    of text where drafts hold is noticed and a stale cost of drafting recovers. With sampling the drafts change
     which random numbers are drawn, so there the decisions must not depend on the clock, or a seed would not
     reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain forwards
     (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's shape,
-    halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3
-    drafts; sequential depths drafting over the draft_vocab shortlist, read in five runs: 1.16-1.30x, 1.29-1.53x
-    and 1.41-1.68x)."""
+    halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3 drafts;
+    sequential depths drafting over the draft_vocab shortlist, read in five runs: 1.16-1.30x, 1.29-1.53x and
+    1.41-1.68x)."""
 
     TRUSTED = 3  # readings of a part before its median is used
 
@@ -124,6 +124,7 @@ class DraftPolicy:
         self.sec = [None] * (n_drafts + 1) if clock else [1 + (fixed + per_draft * d if d else 0)
                                                          for d in range(n_drafts + 1)]
         self.since_all, self.probe_after = 0, 4  # forwards since all n_drafts were drafted; the next probe's
+        self.probe_left = 0  # forwards of a probe still to run
 
     def record(self, depth, accepted):
         self.tries[depth] = 0.9 * self.tries[depth] + 1
@@ -157,6 +158,9 @@ class DraftPolicy:
         for d in (self.n, 0):  # measure both ends first
             if self.sec[d] is None:
                 return d
+        if self.probe_left:
+            self.probe_left -= 1
+            return self.n
         lo, hi = self.sec[0], self.sec[self.n]
         cost = [s if s is not None else lo + (hi - lo) * d / self.n for d, s in enumerate(self.sec)]
         best = max(range(self.n + 1), key=lambda d: self.expected_tokens(d) / cost[d])
@@ -164,8 +168,8 @@ class DraftPolicy:
             self.since_all, self.probe_after = 0, 4
             return best
         self.since_all += 1
-        if self.since_all >= self.probe_after:  # a probe: every draft, once
-            self.since_all, self.probe_after = 0, min(2 * self.probe_after, 64)
+        if self.since_all >= self.probe_after:  # a probe: every draft, twice
+            self.since_all, self.probe_after, self.probe_left = 0, min(2 * self.probe_after, 64), 1
             return self.n
         return best
 

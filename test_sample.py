@@ -311,7 +311,7 @@ def test_drafting_stops_when_drafts_fail(cyclic_model):
     for _ in range(20):
         policy.record(0, False)  # the first draft always fails: 1 token per forward at twice the cost
     choices = [policy.choose() for _ in range(40)]
-    assert choices.count(0) >= 36 and 0 < sum(1 for d in choices if d) <= 4  # plain, with rare probes
+    assert choices.count(0) >= 34 and 0 < sum(1 for d in choices if d) <= 6  # plain, with rare probes (2 forwards each)
     good = DraftPolicy(3)
     timed(good, 3, 2.0)
     timed(good, 0, 1.0)
@@ -343,28 +343,31 @@ def test_drafting_stops_when_drafts_fail(cyclic_model):
     assert seq.verify[0] == [1.0] and seq.draft[3] == [] and par.verify == [[]] * 4 and par.draft[3] == [0.1]
     seq.timed(3, 1.2, 0, 0.0), par.timed(3, 1.1, 0, 0.0)  # the forward after it, back to plain
     assert seq.verify[3] == [1.2] and par.verify[0] == [1.1] and par.verify[3] == []
-    # three forwards whose verifying was slow (a hiccup) make drafting look dear; fewer drafts win, and the
-    # probes with all drafts time verifying again until drafting wins: driven through choose() as generate() does
-    def decode(policy, forwards, verify_s=lambda fed: 1.0 + 0.03 * fed, draft_s=lambda d: 0.15 * d):
+    # three forwards whose verifying, or drafting, was slow (a hiccup) make drafting look dear; fewer drafts win,
+    # and probes (two forwards with all drafts: the second times both parts) bring drafting back; driven in
+    # generate()'s order: d chosen, the drafts fed judged, the forward timed
+    def decode(policy, forwards):
         fed, chosen = 0, []
         for _ in range(forwards):
+            d = policy.choose()
             for i in range(fed):
                 policy.record(i, True)  # every draft holds
-            d = policy.choose()
-            policy.timed(fed, verify_s(fed), d, draft_s(d))
+            policy.timed(fed, 1.0 + 0.03 * max(fed, d), d, 0.15 * d)
             fed = d
             chosen.append(d)
         return chosen
-    for probes in (True, False):
-        slow = DraftPolicy(3, style="sequential")
-        for _ in range(DraftPolicy.TRUSTED):
-            slow.timed(3, 7.5, 3, 0.5)  # a hiccup while verifying; drafting timed right
-        timed(slow, 0, 1.0)
-        assert slow.sec[3] == 8.0 and slow.choose() < 3
-        if not probes:  # a negative control: no probes, and the stale cost keeps fewer drafts to the end
-            slow.probe_after = 10**9
-        chosen = decode(slow, 200)
-        assert (chosen[-20:] == [3] * 20) == probes, chosen
+    for style in ("sequential", "parallel"):
+        for stale in ((7.5, 0.5), (0.5, 7.5)):  # (verify, draft) seconds of the slow readings
+            for probes in (True, False):
+                slow = DraftPolicy(3, style=style)
+                for _ in range(DraftPolicy.TRUSTED):
+                    slow.timed(3, stale[0], 3, stale[1])
+                timed(slow, 0, 1.0)
+                assert slow.sec[3] == 8.0 and slow.choose() < 3
+                if not probes:  # a negative control: no probes, and the stale cost keeps fewer drafts to the end
+                    slow.probe_after = 10**9
+                chosen = decode(slow, 200)
+                assert (chosen[-20:] == [3] * 20) == probes, (style, stale, chosen)
     # end to end: heads 2..4 re-initialized, so drafts are random guesses: they fail, the sample decodes plainly
     # (sampling: the policy's costs are then fixed, not measured, so the test does not depend on the clock)
     model = copy.deepcopy(cyclic_model[0])
