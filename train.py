@@ -260,8 +260,6 @@ def clip_gradients(raw_model, c):
     # parameters without a gradient (drafters before their stage) left out: torch's norm of none is a CPU tensor
     with_grad = [p for p in raw_model.parameters() if p.grad is not None]
     groups = [g for g in ([p for p in with_grad if (id(p) in drafters) == d] for d in (0, 1)) if g]
-    if not groups:
-        return next(raw_model.parameters()).new_zeros(())
     norms = [full(torch.nn.utils.clip_grad_norm_(g, c.grad_clip or float("inf"))) for g in groups]
     return norms[0] if len(norms) == 1 else torch.stack(norms).norm()
 
