@@ -258,8 +258,11 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
             policy.timed(n_fed, t_draft - t_fwd, len(drafts), time.perf_counter() - t_draft)
         d = policy.choose()
     dt = time.time() - t0
+    measured = policy.clock and policy.n and None not in (policy.sec[0], policy.sec[policy.n])
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),
-                     tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted)
+                     tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted,
+                     # the policy's timings: a forward with every draft (verify, then draft) over a plain one
+                     cost_all_drafts=policy.sec[policy.n] / policy.sec[0] if measured else None)
 
 
 def verify_logits(model, cache, hidden, base):
@@ -385,7 +388,7 @@ def bench(model, state, c, prompt_len=32, stride=1024):
                          f"bench_prompts={c['bench_prompts']} asked")
     shortlist = shortlist_of(model, state, c.get("draft_vocab", DEFAULTS["draft_vocab"]))
     generate(model, corpus.tokens(*starts[0], prompt_len).tolist(), 8, speculative=True, shortlist=shortlist)
-    rows, mismatches = [], []  # mismatches: (document, offset, first differing position of the new tokens)
+    rows, mismatches, costs = [], [], []  # mismatches: (document, offset, first differing position of the new tokens)
     for d, o in starts:
         if o == 0:
             prompt = corpus.tokens(d, o, prompt_len).tolist()
@@ -396,6 +399,7 @@ def bench(model, state, c, prompt_len=32, stride=1024):
         if spec_ids != plain_ids:
             mismatches.append((int(d), o, first_difference(spec_ids, plain_ids)))
         rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"]))
+        costs += [spec["cost_all_drafts"]] if spec["cost_all_drafts"] else []
     q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     speedups = [s / p for p, s, _ in rows]
     lo, med, hi = q(speedups)
@@ -410,8 +414,12 @@ def bench(model, state, c, prompt_len=32, stride=1024):
           f"per forward (median)", file=sys.stderr)
     print(f"speedup: median {med:.2f}x, quartiles {lo:.2f}-{hi:.2f}x, range {min(speedups):.2f}-{max(speedups):.2f}x",
           file=sys.stderr)
+    cost = statistics.median(costs) if costs else None
+    if cost:
+        print(f"a forward with all {model.cfg.n_predict - 1} drafts cost {cost:.2f}x a plain one (the draft policy's "
+              f"timings, median over the {len(costs)} prompts that timed both)", file=sys.stderr)
     return dict(speedup_median=med, speedup_quartiles=(lo, hi), mismatches=mismatches,
-                tokens_per_forward=statistics.median(r[2] for r in rows))
+                tokens_per_forward=statistics.median(r[2] for r in rows), cost_all_drafts=cost)
 
 
 def main(c):

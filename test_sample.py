@@ -6,6 +6,7 @@ computes only the logits it needs; on a model whose drafts fail, drafting stops;
 head 1's distribution; shared logits decode plainly and say so; the bench for every style; fixed seeds
 reproduce; the command line end to end, and its user errors."""
 import copy
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -407,6 +408,23 @@ def test_generate_times_each_forward_by_what_it_fed_and_drafted(cyclic_sequentia
     assert all(b[0] == a[2] for a, b in zip(calls, calls[1:]))  # fed = what the forward before drafted
     assert any(c[2] for c in calls) and all(v > 0 and s >= 0 and (s > 0 or not d) for _, v, d, s in calls)
     assert sum(c[0] for c in calls) <= stats["drafts_fed"]
+
+
+def test_generate_reports_the_policys_cost_of_all_drafts(cyclic_sequential, monkeypatch):
+    """stats["cost_all_drafts"]: the policy's own timings of a forward with every draft (verify + draft medians) over
+    a plain one's, the figure sample.py --bench prints; None where they were not both timed or without a clock."""
+    policies, init = [], DraftPolicy.__init__
+    monkeypatch.setattr(DraftPolicy, "__init__", lambda self, *a, **k: (init(self, *a, **k), policies.append(self))[0])
+    model, pattern = cyclic_sequential
+    _, stats = generate(model, pattern[:5].tolist(), 60, speculative=True)
+    pol = policies[-1]
+    n = pol.n
+    assert pol.sec[0] is not None and pol.sec[n] is not None  # both ends are measured first
+    expected = (statistics.median(pol.verify[n]) + statistics.median(pol.draft[n])) / statistics.median(pol.verify[0])
+    assert stats["cost_all_drafts"] == pytest.approx(expected, rel=1e-12)
+    assert generate(model, pattern[:5].tolist(), 20)[1]["cost_all_drafts"] is None  # plain: no policy timings
+    sampled = generate(model, pattern[:5].tolist(), 20, temperature=1.0, speculative=True)[1]
+    assert sampled["cost_all_drafts"] is None  # sampling decides without the clock
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
