@@ -258,8 +258,7 @@ def test_accumulation_does_not_change_the_math(style):
 def test_sampled_positions_are_a_target_mask(style):
     """mtp_sample: each row's drafting heads keep their targets at round(rate * T) columns drawn from the row itself
     (the same columns when the row is alone), head 1 keeps all; the loss over those columns only equals the loss
-    with the mask over every column, sums and gradients"""
-    model = make_model(style, mtp_detach=style != "shared")
+    with the mask over every column, sums and gradients, the drafters detached or attached"""
     batch, micro = uneven_batch()
     cols = sampled_columns(batch, 0.25)
     assert cols.shape == (8, 8) and all(len(set(r)) == 8 for r in cols.tolist())
@@ -271,23 +270,24 @@ def test_sampled_positions_are_a_target_mask(style):
     assert torch.equal(sampled[1:], torch.where(keep, full[1:], IGNORE))
     assert count_targets(batch, N_PREDICT, 0.25).tolist() == (sampled != IGNORE).sum((1, 2)).tolist()
     coef = torch.tensor([1.0, 0.5, 0.25, 0.125], dtype=torch.float64)
-    model.zero_grad(set_to_none=True)
-    out = ModelWithLoss(model, 0.25)(batch, grad_scale=coef)  # the drafting heads scored at the sampled columns
-    (coef * out.sums).sum().backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    ref_out = run(model, batch)  # the reference: every column scored, the mask in the targets
-    weight = model.lm_head.weight
-    if model.cfg.mtp_detach:  # what mtp_detach means, written out: the drafters' unembedding carries no gradient
-        ref = [mtp_loss(ref_out.hidden[:1], weight, sampled[:1])[0], mtp_loss(ref_out.hidden[1:], weight.detach(),
-                                                                                sampled[1:])[0]]
-        ref_sums = torch.cat(ref)
-    else:
-        ref_sums = mtp_loss(ref_out.hidden, weight, sampled)[0]
-    (coef * ref_sums).sum().backward()
-    torch.testing.assert_close(out.sums, ref_sums.detach(), **TOL)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, **TOL, msg=lambda m: f"{n}: {m}")
+    for detach in (False,) if style == "shared" else (True, False):  # shared logits have nothing to detach
+        model = make_model(style, mtp_detach=detach)
+        out = ModelWithLoss(model, 0.25)(batch, grad_scale=coef)  # the drafting heads scored at the sampled columns
+        (coef * out.sums).sum().backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        ref_out = run(model, batch)  # the reference: every column scored, the mask in the targets
+        weight = model.lm_head.weight
+        if detach:  # what mtp_detach means, written out: the drafters' unembedding carries no gradient
+            ref = [mtp_loss(ref_out.hidden[:1], weight, sampled[:1])[0],
+                   mtp_loss(ref_out.hidden[1:], weight.detach(), sampled[1:])[0]]
+            ref_sums = torch.cat(ref)
+        else:
+            ref_sums = mtp_loss(ref_out.hidden, weight, sampled)[0]
+        (coef * ref_sums).sum().backward()
+        torch.testing.assert_close(out.sums, ref_sums.detach(), **TOL)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, **TOL, msg=lambda m: f"{n}, mtp_detach={detach}: {m}")
 
 
 @pytest.mark.parametrize("style", ["parallel", "sequential"])
