@@ -186,9 +186,11 @@ def tell_once(msg):
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, gen=None,
-             speculative=False, on_token=None, shortlist=None):
+             speculative=False, on_token=None, shortlist=None, fixed_drafts=None):
     """prompt: list of ids (starting with EOT) -> (new ids, stats). Stops at EOT or the context length.
-    shortlist: ids the sequential depths draft over (shortlist_of()); None, the full vocabulary."""
+    shortlist: ids the sequential depths draft over (shortlist_of()); None, the full vocabulary. fixed_drafts:
+    with speculative, that many drafts on every forward instead of the policy's choice (study.py --decode measures
+    what the drafts accept so)."""
     model.eval()
     seq_len, n, style = model.cfg.seq_len, model.cfg.n_predict, model.cfg.mtp_style
     if speculative and style == "shared" and n > 1:
@@ -205,6 +207,11 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     cache = KVCache(model, seq_len, vocab=GPT2_VOCAB,  # logits over GPT-2's ids only: padding ids never come out
                     shortlist=shortlist if speculative and style == "sequential" else None)
     policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None, style=style if speculative else "parallel")
+    if fixed_drafts is not None:
+        if not speculative or not 0 <= fixed_drafts < n:
+            raise ValueError(f"fixed_drafts={fixed_drafts}, expected 0..{n - 1} (the model's drafting heads) with "
+                             f"speculative decoding (speculative={speculative}, mtp_style={style!r})")
+        policy.choose = lambda: fixed_drafts
     out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
     d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
 
@@ -372,34 +379,39 @@ def first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def bench(model, state, c, prompt_len=32, stride=1024):
-    """Plain vs speculative greedy decoding on prompt_len-token prompts from the checkpoint's own held-out
-    documents (the same set every time: each document's start, then a prompt every `stride` tokens, taken
-    round-robin over the documents), one after the other per prompt, so drift hits both alike. Prompts take at
-    most half the model's context, so a small model gets shorter ones, and leaves room to decode. Speculative
-    greedy output should be plain greedy's, but float32 near-ties (1.8e-7 apart measured) can flip an argmax
-    between a one-token and a several-token forward: a difference is counted and shown, not fatal."""
+def bench_prompts(model, state, count, prompt_len=32, stride=1024):
+    """count prompts of prompt_len tokens from the checkpoint's own held-out documents (the same set every time:
+    each document's start, then a prompt every `stride` tokens, taken round-robin over the documents), each
+    starting with EOT as a document does -> [(document, offset, ids)]. Prompts take at most half the model's
+    context, so a small model gets shorter ones, and leaves room to decode."""
     prompt_len = min(prompt_len, model.cfg.seq_len // 2)
     corpus, docs = held_out(state)
     starts = [(d, o) for o in range(0, int(corpus.length[docs].max()), stride) for d in docs
-              if o + prompt_len < corpus.length[d]][:c["bench_prompts"]]  # o = 0: the document's own EOT leads
-    if len(starts) < c["bench_prompts"]:
-        raise ValueError(f"bench: the held-out documents give {len(starts)} prompts of {prompt_len} tokens, "
-                         f"bench_prompts={c['bench_prompts']} asked")
+              if o + prompt_len < corpus.length[d]][:count]  # o = 0: the document's own EOT leads
+    if len(starts) < count:
+        raise ValueError(f"the held-out documents give {len(starts)} prompts of {prompt_len} tokens, "
+                         f"{count} asked (bench_prompts)")
+    return [(int(d), o, corpus.tokens(d, o, prompt_len).tolist() if o == 0
+             else [EOT] + corpus.tokens(d, o, prompt_len - 1).tolist()) for d, o in starts]
+
+
+def bench(model, state, c):
+    """Plain vs speculative greedy decoding on bench_prompts(), one after the other per prompt, so drift hits both
+    alike. Speculative greedy output should be plain greedy's, but float32 near-ties (1.8e-7 apart measured) can
+    flip an argmax between a one-token and a several-token forward: a difference is counted and shown, not
+    fatal."""
+    prompts = bench_prompts(model, state, c["bench_prompts"])
+    prompt_len = len(prompts[0][2])
     shortlist = shortlist_of(model, state, c.get("draft_vocab", DEFAULTS["draft_vocab"]))
-    generate(model, corpus.tokens(*starts[0], prompt_len).tolist(), 8, speculative=True, shortlist=shortlist)
+    generate(model, prompts[0][2], 8, speculative=True, shortlist=shortlist)
     rows, mismatches, costs = [], [], []  # mismatches: (document, offset, first differing position of the new tokens)
-    for d, o in starts:
-        if o == 0:
-            prompt = corpus.tokens(d, o, prompt_len).tolist()
-        else:
-            prompt = [EOT] + corpus.tokens(d, o, prompt_len - 1).tolist()
+    for d, o, prompt in prompts:
         plain_ids, plain = generate(model, prompt, c["max_new_tokens"])
         spec_ids, spec = generate(model, prompt, c["max_new_tokens"], speculative=True, shortlist=shortlist)
         if spec_ids != plain_ids:
-            mismatches.append((int(d), o, first_difference(spec_ids, plain_ids)))
+            mismatches.append((d, o, first_difference(spec_ids, plain_ids)))
         rows.append((plain["tokens_per_s"], spec["tokens_per_s"], spec["tokens_per_forward"]))
-        costs += [spec["cost_all_drafts"]] if spec["cost_all_drafts"] else []
+        costs += [spec["cost_all_drafts"]] if spec["cost_all_drafts"] is not None else []
     q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     speedups = [s / p for p, s, _ in rows]
     lo, med, hi = q(speedups)
@@ -415,7 +427,7 @@ def bench(model, state, c, prompt_len=32, stride=1024):
     print(f"speedup: median {med:.2f}x, quartiles {lo:.2f}-{hi:.2f}x, range {min(speedups):.2f}-{max(speedups):.2f}x",
           file=sys.stderr)
     cost = statistics.median(costs) if costs else None
-    if cost:
+    if cost is not None:
         print(f"a forward with all {model.cfg.n_predict - 1} drafts cost {cost:.2f}x a plain one (the draft policy's "
               f"timings, median over the {len(costs)} prompts that timed both)", file=sys.stderr)
     return dict(speedup_median=med, speedup_quartiles=(lo, hi), mismatches=mismatches,

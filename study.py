@@ -4,6 +4,7 @@
     python study.py --study=muon --rows=adamw_3e-3,muon_3e-3   # only these rows
     python study.py --study=muon --table        # print the table from study_results.json, run nothing
     python study.py --study=heads --bench=ROW,ROW   # sample.py --bench on these rows' checkpoints, kept in the rows
+    python study.py --study=heads --decode=ROW,ROW  # their drafts in greedy decoding, all drafts on every forward
 
 Each row is one `python train.py ...` run in its own out_dir under study_runs/ (same seed, default corpus). Its
 result (steps, wall time, final held-out next-token loss, tokens per forward) is appended to study_results.json
@@ -72,6 +73,22 @@ STUDIES = {
         "one_head_eq5_seed2": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=244", "--seed=2"],
         "seq_own_s16_late10_x3": ["--mtp_style=sequential", "--mtp_detach=True", "--mtp_sample=0.0625",
                                   "--mtp_schedule=1@0.9;1,1,1,1", "--mtp_own_lr=True", "--max_iters=720"],
+        # extra targets as a learning aid at small constant weights (Megatron's 0.1), every position, attached: at
+        # equal steps (240) against 1 head; shared logits cost almost no time, sequential depths their blocks
+        "shared_w01": ["--mtp_style=shared", "--mtp_detach=False", "--mtp_sample=1", "--mtp_schedule=1,0.1,0.1,0.1",
+                       "--mtp_own_lr=False"],
+        "shared_w01_half": ["--mtp_style=shared", "--mtp_detach=False", "--mtp_sample=1",
+                            "--mtp_schedule=1,0.1,0.1,0.1@0.5;1", "--mtp_own_lr=False"],
+        "seq_att_w01": ["--mtp_style=sequential", "--mtp_detach=False", "--mtp_sample=1",
+                        "--mtp_schedule=1,0.1,0.1,0.1", "--mtp_own_lr=False"],
+        # the default's drafting stage with the depths attached at weight 0.1 (Muon's update of a depth's matrices
+        # does not depend on its loss's scale; the trunk gets a tenth of their pull)
+        "seq_att01_s16_late10": ["--mtp_detach=False", "--mtp_schedule=1@0.9;1,0.1,0.1,0.1"],
+        **{f"seq_att01_s16_late10_{tail}": ["--mtp_detach=False", "--mtp_schedule=1@0.9;1,0.1,0.1,0.1", *more]
+           for tail, more in (("seed1", ["--seed=1"]), ("seed2", ["--seed=2"]), ("x3", ["--max_iters=720"]))},
+        # a second seed at three times the budget
+        "seq_own_s16_late10_x3_seed1": ["--max_iters=720", "--seed=1"],
+        "one_head_eq_x3_seed1": ["--n_predict=1", "--mtp_schedule=1", "--max_iters=745", "--seed=1"],
     },
 }
 
@@ -107,25 +124,73 @@ def row_result(study, name, args, out, wall):
 
 
 def bench_row(study, row):
-    """sample.py --bench (greedy, 20 held-out prompts, 128 new tokens) on a finished row's checkpoint -> the row with
-    its speedup (median, quartiles) and the matmul rate read beside it."""
+    """sample.py --bench (greedy, 20 held-out prompts, 128 new tokens) on a finished row's checkpoint -> the fields
+    it adds to the row: the speedup (median, quartiles), the tokens per forward (median), what a forward with all
+    drafts cost over a plain one (the draft policy's timings) and the matmul rate read beside it."""
     import sample
     from settings import parse_config
     out = HERE / "study_runs" / study / row["row"]
     print(f"== {row['row']}: sample.py --out_dir={out} --bench=True --max_new_tokens=128", flush=True)
     r = sample.main(parse_config([f"--out_dir={out}", "--bench=True", "--max_new_tokens=128"], sample.DEFAULTS))
-    return dict(row, speedup=[r["speedup_median"], *r["speedup_quartiles"]], bench_matmul_gflops=round(matmul_gflops()))
+    return dict(speedup=[r["speedup_median"], *r["speedup_quartiles"]], bench_matmul_gflops=round(matmul_gflops()),
+                bench_tokens_per_forward=r["tokens_per_forward"], bench_cost_all_drafts=r["cost_all_drafts"])
+
+
+def repeated_ngrams(prompt, new, n=4):
+    """The fraction of the new tokens that end an n-gram already seen in prompt + the new tokens before them."""
+    seq, seen, hits = prompt + new, set(), 0
+    for i in range(n - 1, len(seq)):
+        gram = tuple(seq[i - n + 1:i + 1])
+        hits += i >= len(prompt) and gram in seen
+        seen.add(gram)
+    return hits / max(len(new), 1)
+
+
+def decode_row(study, row):
+    """What the drafts hold in real greedy decoding of a finished row's checkpoint: every drafting head drafts on
+    every forward (the policy's choice overridden) over sample.py --bench's held-out prompts, 128 new tokens -> the
+    fields it adds to the row: the tokens per forward (median, quartiles) and how much the greedy text repeats
+    itself (the median fraction of new tokens that end a 4-gram seen before in the prompt or the text). A model
+    without drafts (1 head, shared logits) decodes plainly: 1 token per forward."""
+    import statistics
+
+    import torch
+
+    import sample
+    from checkpoint import load_model
+    model, _, state = load_model(HERE / "study_runs" / study / row["row"], "", torch.device("cpu"))
+    shortlist = sample.shortlist_of(model, state, sample.DEFAULTS["draft_vocab"])
+    n = model.cfg.n_predict - 1 if model.cfg.mtp_style != "shared" else 0
+    tpf, rep = [], []
+    for _, _, prompt in sample.bench_prompts(model, state, sample.DEFAULTS["bench_prompts"]):
+        ids, st = sample.generate(model, prompt, 128, speculative=n > 0, shortlist=shortlist,
+                                  fixed_drafts=n if n else None)
+        tpf.append(st["tokens_per_forward"])
+        rep.append(repeated_ngrams(prompt, ids))
+    lo, med, hi = statistics.quantiles(tpf, n=4)
+    print(f"== {row['row']}: all {n} drafts on every forward: {med:.2f} tokens per forward ({lo:.2f}-{hi:.2f}); "
+          f"repeated 4-grams in the greedy text: {statistics.median(rep):.2f}", flush=True)
+    return dict(forced_tokens_per_forward=[med, lo, hi], repeated_4grams=statistics.median(rep))
 
 
 def table(study, results):
     rows = [r for r in results if r["study"] == study]
-    print(f"{'row':26s} {'arguments':62s} {'steps':>5s} {'time':>7s} {'val_nt_loss':>11s} {'tok/fwd':>7s} "
+    print(f"{'row':28s} {'arguments':62s} {'steps':>5s} {'time':>7s} {'val_nt_loss':>11s} {'tok/fwd':>7s} "
           f"{'accept h2..h4':>15s} {'tok/s':>6s} {'matmul':>7s}  speedup (quartiles)")
     for r in sorted(rows, key=lambda r: r["row"]):
         acc = " ".join(f"{a:.2f}" if a is not None else "   -" for a in r.get("accept") or [None] * 3)
-        print(f"{r['row']:26s} {' '.join(r['args']):62s} {r['steps']:5d} {r['train_s']:6.0f}s {r['val_nt_loss']:11.4f} "
-              f"{r['val_tokens_per_forward']:7.2f} {acc:>15s} {r['tokens_per_s']:6.0f} {r['matmul_gflops']:4d} GF/s"
-              + ("  {:.2f}x ({:.2f}-{:.2f})".format(*r["speedup"]) if r.get("speedup") else ""))
+        line = (f"{r['row']:28s} {' '.join(r['args']):62s} {r['steps']:5d} {r['train_s']:6.0f}s "
+                f"{r['val_nt_loss']:11.4f} {r['val_tokens_per_forward']:7.2f} {acc:>15s} {r['tokens_per_s']:6.0f} "
+                f"{r['matmul_gflops']:4d} GF/s")
+        if r.get("speedup"):
+            line += "  {:.2f}x ({:.2f}-{:.2f})".format(*r["speedup"])
+        if r.get("bench_cost_all_drafts"):
+            line += (f", decoding {r['bench_tokens_per_forward']:.2f} tok/fwd, a forward with all drafts "
+                     f"{r['bench_cost_all_drafts']:.2f}x plain")
+        if "forced_tokens_per_forward" in r:
+            med, lo, hi = r["forced_tokens_per_forward"]
+            line += f" | all drafts: {med:.2f} tok/fwd ({lo:.2f}-{hi:.2f}), repeated 4-grams {r['repeated_4grams']:.2f}"
+        print(line)
 
 
 def main(argv):
@@ -134,16 +199,18 @@ def main(argv):
     if study not in STUDIES:
         raise SystemExit(f"error: --study={study!r}, expected one of {', '.join(STUDIES)}")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    if "bench" in opts:
-        for name in opts["bench"].split(","):
+    for mode, measure in (("bench", bench_row), ("decode", decode_row)):
+        if mode not in opts:
+            continue
+        for name in opts[mode].split(","):
             done = [r for r in results if r["study"] == study and r["row"] == name]
             if not done:
-                raise SystemExit(f"error: --bench: no finished row {name!r} in study {study}")
-            row = bench_row(study, done[0])
-            results = json.loads(RESULTS.read_text())  # another study.py may have written meanwhile
-            results = [row if r["study"] == study and r["row"] == name else r for r in results]
+                raise SystemExit(f"error: --{mode}: no finished row {name!r} in study {study}")
+            fields = measure(study, done[0])
+            results = json.loads(RESULTS.read_text())  # another study.py may have written meanwhile: its fields stay
+            results = [dict(r, **fields) if r["study"] == study and r["row"] == name else r for r in results]
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    elif "table" not in opts:
+    if "table" not in opts and "bench" not in opts and "decode" not in opts:
         wanted = opts["rows"].split(",") if "rows" in opts else list(STUDIES[study])
         unknown = [w for w in wanted if w not in STUDIES[study]]
         if unknown:

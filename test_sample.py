@@ -4,8 +4,10 @@ teacher-forced forward); greedy speculative decoding is token-for-token plain gr
 parallel heads and of sequential depths trained until they agree, so drafts are accepted); a verify pass
 computes only the logits it needs; on a model whose drafts fail, drafting stops; speculative sampling keeps
 head 1's distribution; shared logits decode plainly and say so; the bench for every style; fixed seeds
-reproduce; the command line end to end, and its user errors."""
+reproduce; a fixed number of drafts and the policy's cost figure; study.py's repeated n-grams by hand; the command
+line end to end, and its user errors."""
 import copy
+import math
 import statistics
 import subprocess
 import sys
@@ -410,11 +412,45 @@ def test_generate_times_each_forward_by_what_it_fed_and_drafted(cyclic_sequentia
     assert sum(c[0] for c in calls) <= stats["drafts_fed"]
 
 
+@pytest.mark.parametrize("trained", ["cyclic_model", "cyclic_sequential"])
+def test_fixed_drafts_replace_the_policys_choice(trained, request):
+    """generate(fixed_drafts=d): d drafts on every forward whatever the policy would choose (study.py --decode); output
+    still plain greedy's; with sampling, the seed's sample; refused without drafting heads."""
+    model, pattern = request.getfixturevalue(trained)
+    prompt, plain = pattern[:5].tolist(), generate(model, pattern[:5].tolist(), 40)[0]
+    for d in range(model.cfg.n_predict):
+        ids, stats = generate(model, prompt, 40, speculative=True, fixed_drafts=d)
+        assert ids == plain
+        # the cyclic pattern: every draft holds, so each forward but the first (the prompt) yields d + 1 tokens
+        assert stats["forwards"] == 1 + math.ceil((40 - 1) / (d + 1)), (d, stats)
+        assert stats["drafts_fed"] == stats["drafts_accepted"] >= 40 - stats["forwards"]
+    draw = lambda: generate(model, prompt, 30, temperature=1.0, speculative=True, fixed_drafts=2,
+                            gen=torch.Generator().manual_seed(3))
+    (a, sa), (b, _) = draw(), draw()
+    assert a == b and sa["drafts_fed"] > 0
+    with pytest.raises(ValueError, match="fixed_drafts=4, expected 0..3"):
+        generate(model, prompt, 5, speculative=True, fixed_drafts=4)
+    with pytest.raises(ValueError, match="fixed_drafts=1, expected 0..3 .* with speculative decoding"):
+        generate(model, prompt, 5, fixed_drafts=1)
+
+
+def test_repeated_ngrams_by_hand():
+    import study
+    # 4-grams ending at each new token: (2,3,4,1) (3,4,1,2) (4,1,2,3) new, (1,2,3,4) seen in the prompt, (2,3,4,5) new
+    assert study.repeated_ngrams([1, 2, 3, 4], [1, 2, 3, 4, 5]) == pytest.approx(1 / 5)
+    assert study.repeated_ngrams([7], [7, 7, 7, 7, 7]) == pytest.approx(2 / 5)  # (7,7,7,7) first ends at the 3rd
+    assert study.repeated_ngrams([1, 2], []) == 0.0
+
+
 def test_generate_reports_the_policys_cost_of_all_drafts(cyclic_sequential, monkeypatch):
     """stats["cost_all_drafts"]: the policy's own timings of a forward with every draft (verify + draft medians) over
     a plain one's, the figure sample.py --bench prints; None where they were not both timed or without a clock."""
     policies, init = [], DraftPolicy.__init__
-    monkeypatch.setattr(DraftPolicy, "__init__", lambda self, *a, **k: (init(self, *a, **k), policies.append(self))[0])
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        policies.append(self)
+    monkeypatch.setattr(DraftPolicy, "__init__", spy)
     model, pattern = cyclic_sequential
     _, stats = generate(model, pattern[:5].tolist(), 60, speculative=True)
     pol = policies[-1]
@@ -425,6 +461,8 @@ def test_generate_reports_the_policys_cost_of_all_drafts(cyclic_sequential, monk
     assert generate(model, pattern[:5].tolist(), 20)[1]["cost_all_drafts"] is None  # plain: no policy timings
     sampled = generate(model, pattern[:5].tolist(), 20, temperature=1.0, speculative=True)[1]
     assert sampled["cost_all_drafts"] is None  # sampling decides without the clock
+    fixed = generate(model, pattern[:5].tolist(), 20, speculative=True, fixed_drafts=n)[1]
+    assert fixed["cost_all_drafts"] is None  # no plain forward was timed
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
