@@ -12,8 +12,8 @@ the longest agreeing prefix is kept (the KV cache is rolled back past the rest),
 kept position draft again. A verify pass computes only the logits it needs, in one pass over the unembedding while
 the drafts hold: head 1 at the fed positions, the drafting heads at the last fed one (a second pass at the last
 kept one after a rejection); the model runs the drafting heads as one batched block (Model._decode_drafters), so
-with parallel heads on the default model's shape such a forward costs about 1.3-1.6x a plain one when its drafts
-hold (bench.py --decode; 3.8x with each head alone and the BLAS GEMM). Greedy output is token-for-token that of
+with parallel heads on the default model's shape such a forward costs about 1.3-1.4x a plain one when its drafts
+hold, 1.6-1.7x when the first fails (bench.py --decode; 3.8x with each head alone and the BLAS GEMM). Greedy output is token-for-token that of
 plain greedy decoding; with sampling, drafts pass the speculative-sampling test (Leviathan et al. 2023), so the
 output keeps head 1's distribution. How many drafts to compute (0 is plain decoding) is decided as it goes
 (DraftPolicy): from this sample's acceptance and the measured time of each kind of forward, so that a model whose
@@ -22,7 +22,7 @@ drafts fail costs no more than plain decoding. Text goes to stdout as it comes; 
 By the model's mtp_style: parallel heads draft from the verify forward itself (heads 2..d+1 at the last kept
 position); sequential depths draft one after another after it (Model.decode_depth: depth j reads the next
 token and the drafts of depths 1..j-1, each depth with its own KV cache and its weights folded once per cache,
-Model._depth_fast; about 1.5x a plain forward with 3 drafts over the shortlist); shared logits have nothing to draft
+Model._depth_fast; 1.6-1.7x a plain forward with 3 drafts over the shortlist); shared logits have nothing to draft
 with (head k scores head 1's own logits), so speculative decoding is plain decoding there, said once on stderr.
 """
 import codecs
@@ -88,7 +88,7 @@ def pick(probs, gen):
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-NO_CLOCK_COST = {"parallel": (0.3, 0.17), "sequential": (0.12, 0.13)}  # plain forwards: fixed, per draft
+NO_CLOCK_COST = {"parallel": (0.38, 0.06), "sequential": (0.17, 0.15)}  # plain forwards: fixed, per draft
 
 
 class DraftPolicy:
@@ -108,9 +108,10 @@ class DraftPolicy:
     which random numbers are drawn, so there the decisions must not depend on the clock, or a seed would not
     reproduce a sample: the cost of d >= 1 drafts is then taken as 1 + fixed + per_draft * d plain forwards
     (NO_CLOCK_COST by style), about what `bench.py --decode` measures on a CPU for the default model's shape,
-    halfway between every draft holding and the first failing (parallel heads 1.3-1.6x and 1.6-2.0x for 1-3 drafts;
-    sequential depths drafting over the draft_vocab shortlist, read in five runs: 1.16-1.30x, 1.29-1.53x and
-    1.41-1.68x)."""
+    halfway between every draft holding and the first failing (for 1, 2, 3 drafts, each forward timed after one of
+    its kind: parallel heads 1.27/1.62x, 1.30/1.61x, 1.41/1.73x; sequential depths drafting over the draft_vocab
+    shortlist 1.33/1.30x, 1.49/1.47x, 1.66/1.60x; in real greedy decoding the clock read 1.61-1.70x for 3 sequential
+    drafts)."""
 
     TRUSTED = 3  # readings of a part before its median is used
 

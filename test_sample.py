@@ -382,7 +382,9 @@ def test_drafting_stops_when_drafts_fail(cyclic_model):
                              speculative=True)[1]
     stats, good = run(model), run(cyclic_model[0])
     assert stats["drafts_accepted"] < 0.2 * stats["drafts_fed"] and good["drafts_accepted"] > 0.5 * good["drafts_fed"]
-    assert stats["drafts_fed"] < 0.5 * stats["tokens"], stats  # 3 per forward if it never stopped drafting
+    # 3 per forward (some 170) if it never stopped drafting; it drafts the first few forwards (the Beta(1, 1) prior
+    # says half the drafts hold), then plainly but for the probes (2 forwards of 3 drafts after 4, 8, 16, 32)
+    assert stats["drafts_fed"] < 0.6 * stats["tokens"], stats
 
 
 def test_sampling_is_reproducible(cyclic_model):
