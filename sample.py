@@ -13,11 +13,12 @@ kept position draft again. A verify pass computes only the logits it needs, in o
 the drafts hold: head 1 at the fed positions, the drafting heads at the last fed one (a second pass at the last
 kept one after a rejection); the model runs the drafting heads as one batched block (Model._decode_drafters), so
 with parallel heads on the default model's shape such a forward costs about 1.3-1.4x a plain one when its drafts
-hold, 1.6-1.7x when the first fails (bench.py --decode; 3.8x with each head alone and the BLAS GEMM). Greedy output is token-for-token that of
-plain greedy decoding; with sampling, drafts pass the speculative-sampling test (Leviathan et al. 2023), so the
-output keeps head 1's distribution. How many drafts to compute (0 is plain decoding) is decided as it goes
-(DraftPolicy): from this sample's acceptance and the measured time of each kind of forward, so that a model whose
-drafts fail costs no more than plain decoding. Text goes to stdout as it comes; statistics go to stderr.
+hold, 1.6-1.7x when the first fails (bench.py --decode; 3.8x with each head alone and the BLAS GEMM). Greedy
+output is token-for-token that of plain greedy decoding; with sampling, drafts pass the speculative-sampling test
+(Leviathan et al. 2023), so the output keeps head 1's distribution. How many drafts to compute (0 is plain
+decoding) is decided as it goes (DraftPolicy): from this sample's acceptance and the measured time of each kind of
+forward, so that a model whose drafts fail costs no more than plain decoding. Text goes to stdout as it comes;
+statistics go to stderr.
 
 By the model's mtp_style: parallel heads draft from the verify forward itself (heads 2..d+1 at the last kept
 position); sequential depths draft one after another after it (Model.decode_depth: depth j reads the next
