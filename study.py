@@ -184,6 +184,7 @@ def table(study, results):
                 f"{r['matmul_gflops']:4d} GF/s")
         if r.get("speedup"):
             line += "  {:.2f}x ({:.2f}-{:.2f})".format(*r["speedup"])
+            line += f" at {r['bench_matmul_gflops']} GF/s" if "bench_matmul_gflops" in r else ""
         if r.get("bench_cost_all_drafts"):
             line += (f", decoding {r['bench_tokens_per_forward']:.2f} tok/fwd, a forward with all drafts "
                      f"{r['bench_cost_all_drafts']:.2f}x plain")
