@@ -116,8 +116,9 @@ class DraftPolicy:
 
     TRUSTED = 3  # readings of a part before its median is used
 
-    def __init__(self, n_drafts, clock=True, style="parallel"):
+    def __init__(self, n_drafts, clock=True, style="parallel", fixed=None):
         self.n, self.hits, self.tries, self.clock = n_drafts, [0] * n_drafts, [0] * n_drafts, clock
+        self.fixed = fixed  # that many drafts every time instead of choosing (study.py --decode)
         self.parallel = style == "parallel"
         # the last seconds read per count (clock only): verify[j], a forward feeding j drafts (parallel heads: running
         # j drafting heads); draft[d], drafting d
@@ -127,6 +128,12 @@ class DraftPolicy:
                                                          for d in range(n_drafts + 1)]
         self.since_all, self.probe_after = 0, 4  # forwards since all n_drafts were drafted; the next probe's
         self.probe_left = 0  # forwards of a probe still to run
+
+    def cost_all_drafts(self):
+        """The timings' cost of a forward with every draft (verify, then draft) over a plain one's; None until both
+        are measured, or without a clock."""
+        measured = self.clock and self.n and None not in (self.sec[0], self.sec[self.n])
+        return self.sec[self.n] / self.sec[0] if measured else None
 
     def record(self, depth, accepted):
         self.tries[depth] = 0.9 * self.tries[depth] + 1
@@ -155,8 +162,8 @@ class DraftPolicy:
         return e
 
     def choose(self):
-        if self.n == 0:
-            return 0
+        if self.n == 0 or self.fixed is not None:
+            return self.fixed or 0
         for d in (self.n, 0):  # measure both ends first
             if self.sec[d] is None:
                 return d
@@ -189,10 +196,9 @@ def tell_once(msg):
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, gen=None,
              speculative=False, on_token=None, shortlist=None, fixed_drafts=None):
-    """prompt: list of ids (starting with EOT) -> (new ids, stats). Stops at EOT or the context length.
-    shortlist: ids the sequential depths draft over (shortlist_of()); None, the full vocabulary. fixed_drafts:
-    with speculative, that many drafts on every forward instead of the policy's choice (study.py --decode measures
-    what the drafts accept so)."""
+    """prompt: list of ids (starting with EOT) -> (new ids, stats). Stops at EOT or the context length. shortlist:
+    ids the sequential depths draft over (shortlist_of()); None, the full vocabulary. fixed_drafts: that many drafts
+    on every forward instead of the policy's choice (speculative decoding only; study.py --decode)."""
     model.eval()
     seq_len, n, style = model.cfg.seq_len, model.cfg.n_predict, model.cfg.mtp_style
     if speculative and style == "shared" and n > 1:
@@ -208,12 +214,10 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
     dev = next(model.parameters()).device
     cache = KVCache(model, seq_len, vocab=GPT2_VOCAB,  # logits over GPT-2's ids only: padding ids never come out
                     shortlist=shortlist if speculative and style == "sequential" else None)
-    policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None, style=style if speculative else "parallel")
-    if fixed_drafts is not None:
-        if not speculative or not 0 <= fixed_drafts < n:
-            raise ValueError(f"fixed_drafts={fixed_drafts}, expected 0..{n - 1} (the model's drafting heads) with "
-                             f"speculative decoding (speculative={speculative}, mtp_style={style!r})")
-        policy.choose = lambda: fixed_drafts
+    if fixed_drafts is not None and not (speculative and 0 <= fixed_drafts < n):
+        raise ValueError(f"fixed_drafts={fixed_drafts}, expected 0..{n - 1} while drafting ({speculative=}, {style=})")
+    policy = DraftPolicy(n - 1 if speculative else 0, clock=gen is None, style=style if speculative else "parallel",
+                         fixed=fixed_drafts)
     out, feed, drafts, q = [], list(prompt), [], None  # q: the drafting heads' distributions of the drafts
     d, forwards, fed, accepted, t0 = policy.choose(), 0, 0, 0, time.time()
 
@@ -267,11 +271,9 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
             policy.timed(n_fed, t_draft - t_fwd, len(drafts), time.perf_counter() - t_draft)
         d = policy.choose()
     dt = time.time() - t0
-    measured = policy.clock and policy.n and None not in (policy.sec[0], policy.sec[policy.n])
     return out, dict(tokens=len(out), seconds=dt, forwards=forwards, tokens_per_s=len(out) / max(dt, 1e-9),
                      tokens_per_forward=len(out) / forwards, drafts_fed=fed, drafts_accepted=accepted,
-                     # the policy's timings: a forward with every draft (verify, then draft) over a plain one
-                     cost_all_drafts=policy.sec[policy.n] / policy.sec[0] if measured else None)
+                     cost_all_drafts=policy.cost_all_drafts())
 
 
 def verify_logits(model, cache, hidden, base):
