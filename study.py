@@ -20,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "study_results.json"
+NEW_TOKENS = 128  # per held-out prompt, in --bench and --decode
 
 # the rows of each study: name -> train.py arguments (beyond --out_dir); the default run is 240 steps
 STUDIES = {
@@ -130,8 +131,9 @@ def bench_row(study, row):
     import sample
     from settings import parse_config
     out = HERE / "study_runs" / study / row["row"]
-    print(f"== {row['row']}: sample.py --out_dir={out} --bench=True --max_new_tokens=128", flush=True)
-    r = sample.main(parse_config([f"--out_dir={out}", "--bench=True", "--max_new_tokens=128"], sample.DEFAULTS))
+    args = [f"--out_dir={out}", "--bench=True", f"--max_new_tokens={NEW_TOKENS}"]
+    print(f"== {row['row']}: sample.py {' '.join(args)}", flush=True)
+    r = sample.main(parse_config(args, sample.DEFAULTS))
     return dict(speedup=[r["speedup_median"], *r["speedup_quartiles"]], bench_matmul_gflops=round(matmul_gflops()),
                 bench_tokens_per_forward=r["tokens_per_forward"], bench_cost_all_drafts=r["cost_all_drafts"])
 
@@ -163,12 +165,13 @@ def decode_row(study, row):
     n = model.cfg.n_predict - 1 if model.cfg.mtp_style != "shared" else 0
     tpf, rep = [], []
     for _, _, prompt in sample.bench_prompts(model, state, sample.DEFAULTS["bench_prompts"]):
-        ids, st = sample.generate(model, prompt, 128, speculative=n > 0, shortlist=shortlist,
+        ids, st = sample.generate(model, prompt, NEW_TOKENS, speculative=n > 0, shortlist=shortlist,
                                   fixed_drafts=n if n else None)
         tpf.append(st["tokens_per_forward"])
         rep.append(repeated_ngrams(prompt, ids))
     lo, med, hi = statistics.quantiles(tpf, n=4)
-    print(f"== {row['row']}: all {n} drafts on every forward: {med:.2f} tokens per forward ({lo:.2f}-{hi:.2f}); "
+    how = f"all {n} drafts on every forward" if n else "plain decoding (no drafts)"
+    print(f"== {row['row']}: {how}: {med:.2f} tokens per forward ({lo:.2f}-{hi:.2f}); "
           f"repeated 4-grams in the greedy text: {statistics.median(rep):.2f}", flush=True)
     return dict(forced_tokens_per_forward=[med, lo, hi], repeated_4grams=statistics.median(rep))
 
@@ -211,7 +214,7 @@ def main(argv):
             results = json.loads(RESULTS.read_text())  # another study.py may have written meanwhile: its fields stay
             results = [dict(r, **fields) if r["study"] == study and r["row"] == name else r for r in results]
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    if "table" not in opts and "bench" not in opts and "decode" not in opts:
+    if not {"table", "bench", "decode"} & opts.keys():
         wanted = opts["rows"].split(",") if "rows" in opts else list(STUDIES[study])
         unknown = [w for w in wanted if w not in STUDIES[study]]
         if unknown:
